@@ -1,0 +1,12 @@
+import numpy as np
+import torch
+
+# Independent random streams per (seed, layer, purpose), so any layer can be built alone
+# (by one rank of a distributed job, say) and still get the same numbers as a full build.
+PARTITION_STREAM = 0
+ROUTER_STREAM = 1
+
+
+def layer_generator(seed: int, layer: int, stream: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, layer, stream]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))

@@ -1,0 +1,2 @@
+class MoeifyError(ValueError):
+    """A user-facing error: the message names the problem and the fix, in one line."""

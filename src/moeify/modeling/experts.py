@@ -1,0 +1,76 @@
+"""Routed SwiGLU experts stored as fused tensors, with several dispatch paths behind one call.
+
+Weights follow the nn.Linear convention of Hugging Face's fused MoE experts:
+gate_up_proj [E, 2F, D] (gate rows first, then up rows) and down_proj [E, D, F].
+"""
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeify.modeling.grouped_mm import grouped_mm, grouped_mm_supported
+
+Dispatch = Literal["auto", "grouped_mm", "loop", "reference"]
+
+
+class Experts(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, expert_size: int, dispatch: Dispatch = "auto"):
+        super().__init__()
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.expert_size = expert_size
+        self.dispatch = dispatch
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * expert_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, expert_size))
+
+    def forward(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        """Sum over the k chosen experts of weight * expert(x), for each token."""
+        dispatch = self.dispatch
+        if dispatch == "auto":
+            usable = grouped_mm_supported(x_TD, self.gate_up_proj, self.down_proj)
+            dispatch = "grouped_mm" if usable else "loop"
+        if dispatch == "reference":
+            return self.forward_reference(x_TD, indices_TK, weights_TK)
+        return self._forward_sorted(x_TD, indices_TK, weights_TK, use_grouped_mm=dispatch == "grouped_mm")
+
+    def _forward_sorted(self, x_TD, indices_TK, weights_TK, use_grouped_mm: bool) -> torch.Tensor:
+        # Dropless: every (token, expert) assignment is computed, grouped by expert.
+        T, K = indices_TK.shape
+        flat_expert_A = indices_TK.reshape(-1)  # A = T*K assignments
+        order_A = flat_expert_A.argsort(stable=True)
+        token_A = order_A // K
+        x_AD = x_TD[token_A]
+        counts_E = torch.bincount(flat_expert_A, minlength=self.num_experts)
+        if use_grouped_mm:
+            offs_E = counts_E.cumsum(0).to(torch.int32)
+            h_AF2 = grouped_mm(x_AD, self.gate_up_proj.transpose(-2, -1), offs_E)
+            gate_AF, up_AF = h_AF2.chunk(2, dim=-1)
+            y_AD = grouped_mm((F.silu(gate_AF) * up_AF).contiguous(), self.down_proj.transpose(-2, -1), offs_E)
+        else:
+            y_AD = self._loop_over_experts(x_AD, counts_E.tolist())
+        y_AD = y_AD * weights_TK.reshape(-1)[order_A, None].to(y_AD.dtype)
+        return torch.zeros_like(x_TD).index_add_(0, token_A, y_AD.to(x_TD.dtype))
+
+    def _loop_over_experts(self, x_AD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        # unbind() once: indexing a fused parameter per expert would make backward build a full-size
+        # zero gradient for every expert touched.
+        outputs = []
+        for x_CD, w_gate_up, w_down in zip(
+            x_AD.split(counts), self.gate_up_proj.unbind(0), self.down_proj.unbind(0), strict=True
+        ):
+            gate_CF, up_CF = F.linear(x_CD, w_gate_up).chunk(2, dim=-1)
+            outputs.append(F.linear(F.silu(gate_CF) * up_CF, w_down))
+        return torch.cat(outputs)
+
+    def forward_reference(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token, combined by a dense [T, E] weight matrix. Slow; for tests."""
+        combine_TE = torch.zeros(x_TD.shape[0], self.num_experts, dtype=weights_TK.dtype, device=x_TD.device)
+        combine_TE = combine_TE.scatter_add(1, indices_TK, weights_TK)
+        out_TD = torch.zeros_like(x_TD)
+        for e in range(self.num_experts):
+            gate_TF, up_TF = F.linear(x_TD, self.gate_up_proj[e]).chunk(2, dim=-1)
+            y_TD = F.linear(F.silu(gate_TF) * up_TF, self.down_proj[e])
+            out_TD = out_TD + combine_TE[:, e, None].to(x_TD.dtype) * y_TD
+        return out_TD
