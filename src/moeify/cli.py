@@ -1,0 +1,87 @@
+"""Command line: argument parsing and friendly errors over the library functions."""
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from moeify.errors import MoeifyError
+
+
+def _add_routing(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--experts", type=int, default=8, help="number of experts E (default 8)")
+    parser.add_argument("--top-k", type=int, default=2, help="experts per token k (default 2)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from moeify.checkpoint.resolve import DEFAULT_MODEL
+    from moeify.construct import METHODS
+
+    parser = argparse.ArgumentParser(prog="moeify", description="Turn a dense LLaMA-family model into an MoE model.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    inspect = commands.add_parser("inspect", help="describe a dense model and the MoE each method would make")
+    inspect.add_argument("model", help=f"HF directory, .gguf file or embedded name (e.g. {DEFAULT_MODEL})")
+    _add_routing(inspect)
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    build = commands.add_parser("build", help="build an MoE checkpoint from a dense model")
+    build.add_argument("--model", required=True, help=f"HF directory, .gguf file or embedded name (e.g. {DEFAULT_MODEL})")
+    build.add_argument("--method", default="upcycle", choices=list(METHODS), help="construction method")
+    _add_routing(build)
+    build.add_argument("--out", required=True, type=Path, help="output directory")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--router-std", type=float, default=0.02, help="router init N(0, std); 0 for zeros")
+    build.add_argument("--scale", type=float, default=None, help="expert output scale (default: E/k for splits, 1 for upcycle)")
+    build.add_argument("--max-shard-mb", type=int, default=1024, help="safetensors shard size (MiB)")
+    build.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+    quick = commands.add_parser("quickstart", help="build, reload and compare upcycled and random-split MoEs")
+    quick.add_argument("--model", default=DEFAULT_MODEL)
+    quick.add_argument("--work-dir", type=Path, default=None, help="where the MoE checkpoints go (default: cache)")
+    quick.add_argument("--eval-tokens", type=int, default=1024, help="held-out tokens to score")
+    _add_routing(quick)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.command == "inspect":
+        from moeify.inspect_model import format_inspection, inspect_model
+
+        report = inspect_model(args.model, args.experts, args.top_k)
+        print(json.dumps(asdict(report), indent=2) if args.json else format_inspection(report))
+    elif args.command == "build":
+        from moeify.build import BuildConfig, build
+
+        if args.max_shard_mb < 1:
+            raise MoeifyError(f"--max-shard-mb must be at least 1, got {args.max_shard_mb}")
+        out = build(
+            BuildConfig(
+                model=args.model, out=args.out, method=args.method, num_experts=args.experts, top_k=args.top_k,
+                seed=args.seed, router_std=args.router_std, scale=args.scale,
+                max_shard_bytes=args.max_shard_mb << 20, force=args.force,
+            )
+        )
+        print(f"wrote {out}")
+    elif args.command == "quickstart":
+        from moeify.quickstart import QuickstartConfig, format_rows, quickstart
+
+        config = QuickstartConfig(model=args.model, num_experts=args.experts, top_k=args.top_k, eval_tokens=args.eval_tokens)
+        config.split_scale = args.experts / args.top_k
+        if args.work_dir is not None:
+            config.work_dir = args.work_dir
+        print(format_rows(quickstart(config), config.prompt))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        _run(args)
+    except MoeifyError as error:
+        print(f"moeify: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moeify: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,117 @@
+"""`moeify quickstart`: the main job on the embedded default model.
+
+Builds an upcycled and a random-split MoE, reloads each with stock transformers, and compares them
+with the dense model on held-out text that ships with Python.
+"""
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from moeify.build import BuildConfig, build
+from moeify.checkpoint.resolve import DEFAULT_MODEL, cache_dir, resolve_model
+from moeify.data.embedded import heldout_text
+from moeify.evaluate.params import parameter_counts
+from moeify.evaluate.perplexity import blocks_of, score_blocks
+
+
+@dataclass
+class QuickstartConfig:
+    model: str = DEFAULT_MODEL
+    work_dir: Path = field(default_factory=lambda: cache_dir() / "quickstart")
+    num_experts: int = 8
+    top_k: int = 2
+    split_scale: float = 4.0
+    eval_tokens: int = 1024
+    block_size: int = 256
+    prompt: str = "What is the capital of France?"
+    max_new_tokens: int = 20
+    seed: int = 0
+
+
+@dataclass
+class Row:
+    name: str
+    total_params: int
+    active_params: int
+    perplexity: float
+    max_abs_logit_diff: float | None  # None for the dense baseline
+    completion: str
+    seconds: float
+
+
+def _log(message: str) -> None:
+    print(f"[quickstart] {message}", file=sys.stderr, flush=True)
+
+
+def quickstart(config: QuickstartConfig) -> list[Row]:
+    torch.manual_seed(config.seed)
+    dense_dir = resolve_model(config.model)
+    tokenizer = AutoTokenizer.from_pretrained(dense_dir)
+    blocks = blocks_of(tokenizer(heldout_text())["input_ids"], config.block_size, config.eval_tokens)
+    _log(f"held-out text: {blocks.numel()} tokens of Python's help topics, {blocks.shape[0]} blocks of {config.block_size}")
+    prompt_ids = _prompt_ids(tokenizer, config.prompt)
+
+    builds = {
+        "dense": dense_dir,
+        f"upcycle {config.num_experts}x top-{config.top_k}": BuildConfig(
+            config.model, config.work_dir / "upcycle", "upcycle", config.num_experts, config.top_k, seed=config.seed, force=True
+        ),
+        f"random-split {config.num_experts}/top-{config.top_k} s={config.split_scale:g}": BuildConfig(
+            config.model, config.work_dir / "random-split", "random-split", config.num_experts, config.top_k,
+            seed=config.seed, scale=config.split_scale, force=True,
+        ),
+    }
+    rows, dense_logits = [], None
+    for name, target in builds.items():
+        start = time.perf_counter()
+        if isinstance(target, BuildConfig):
+            _log(f"building {name} -> {target.out}")
+            path = build(target)
+        else:
+            path = target
+        _log(f"scoring {name} (reloaded from disk with stock transformers)")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        scores = score_blocks(model, blocks)
+        diff = None if dense_logits is None else (scores.logits - dense_logits).abs().max().item()
+        dense_logits = scores.logits if dense_logits is None else dense_logits
+        total, active = parameter_counts(model)
+        completion = _greedy(model, tokenizer, prompt_ids, config.max_new_tokens)
+        rows.append(Row(name, total, active, scores.perplexity, diff, completion, time.perf_counter() - start))
+        del model
+    return rows
+
+
+def _prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+@torch.no_grad()
+def _greedy(model, tokenizer, prompt_ids: torch.Tensor, max_new_tokens: int) -> str:
+    out = model.generate(
+        prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=max_new_tokens,
+        do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+    )
+    return tokenizer.decode(out[0, prompt_ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def format_rows(rows: list[Row], prompt: str) -> str:
+    header = f"{'model':<30}{'total':>9}{'active':>9}{'ppl':>10}{'max|Δlogit|':>13}{'time':>7}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        diff = "-" if row.max_abs_logit_diff is None else f"{row.max_abs_logit_diff:.2e}"
+        lines.append(
+            f"{row.name:<30}{row.total_params / 1e6:>8.1f}M{row.active_params / 1e6:>8.1f}M"
+            f"{row.perplexity:>10.2f}{diff:>13}{row.seconds:>6.0f}s"
+        )
+    lines += ["", f"greedy completion of {prompt!r}:"]
+    lines += [f"  {row.name:<30} {row.completion!r}" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""Bad input: one-line error naming the problem and the fix; nothing left in --out."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, LlamaConfig
+
+from moeify.cli import main
+from tests.conftest import COMMON, save_tiny
+
+
+def _fails(capsys, argv: list[str], *expected: str) -> str:
+    capsys.readouterr()  # drop what the test's own set-up printed
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, f"expected one line, got:\n{err}"
+    assert err.startswith("moeify: error: ")
+    for fragment in expected:
+        assert fragment in err, f"{fragment!r} not in {err!r}"
+    return err
+
+
+def _build(model: Path, out: Path, *extra: str) -> list[str]:
+    return ["build", "--model", str(model), "--out", str(out), *extra]
+
+
+def _nothing_written(out: Path) -> None:
+    assert not out.exists() or not any(out.iterdir())
+    assert not list(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+def test_mlp_not_gated(capsys, tmp_path):
+    gpt2 = save_tiny(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64), tmp_path / "gpt2")
+    _fails(capsys, _build(gpt2, tmp_path / "out"), "gpt2", "gated-MLP")
+    _nothing_written(tmp_path / "out")
+
+
+def test_activation_not_silu(capsys, tmp_path):
+    gelu = save_tiny(LlamaConfig(**COMMON, hidden_act="gelu"), tmp_path / "gelu")
+    _fails(capsys, _build(gelu, tmp_path / "out"), "gelu", "SwiGLU")
+
+
+def test_ffn_not_divisible(capsys, tiny_models, tmp_path):
+    _fails(capsys, _build(tiny_models["llama"], tmp_path / "out", "--method", "random-split", "--experts", "7"),
+           "96", "not divisible", "--experts 7")
+    _nothing_written(tmp_path / "out")
+
+
+def test_more_experts_than_neurons(capsys, tiny_models, tmp_path):
+    _fails(capsys, _build(tiny_models["llama"], tmp_path / "out", "--method", "random-split", "--experts", "97", "--top-k", "1"),
+           "larger than the FFN size")
+
+
+@pytest.mark.parametrize("top_k, fragment", [("9", "larger than --experts"), ("0", "at least 1")])
+def test_bad_top_k(capsys, tiny_models, tmp_path, top_k, fragment):
+    _fails(capsys, _build(tiny_models["llama"], tmp_path / "out", "--experts", "8", "--top-k", top_k), "--top-k", fragment)
+    _nothing_written(tmp_path / "out")
+
+
+def test_missing_weights_file(capsys, tiny_models, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_models["llama"], broken)
+    (broken / "model.safetensors").unlink()
+    _fails(capsys, _build(broken, tmp_path / "out"), "model.safetensors", "not a safetensors model directory")
+
+
+def test_truncated_weights_file(capsys, tiny_models, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_models["llama"], broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    _fails(capsys, _build(broken, tmp_path / "out"), "truncated", "re-download")
+    _nothing_written(tmp_path / "out")
+
+
+def test_missing_shard_of_sharded_model(capsys, tmp_path):
+    from tests.conftest import TINY_CONFIGS
+
+    dense = save_tiny(TINY_CONFIGS["llama"](), tmp_path / "dense", max_shard_size="50KB")
+    sorted(dense.glob("model-*.safetensors"))[-1].unlink()
+    _fails(capsys, _build(dense, tmp_path / "out"), "missing weight file")
+    _nothing_written(tmp_path / "out")
+
+
+def test_nonexistent_path(capsys, tmp_path):
+    _fails(capsys, _build(tmp_path / "nope", tmp_path / "out"), "no model at", "smollm2-135m")
+
+
+def test_out_exists_and_not_empty(capsys, tiny_models, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _fails(capsys, _build(tiny_models["llama"], out), "not empty", "--force")
+    assert (out / "keep.txt").read_text() == "mine"
+    assert main(_build(tiny_models["llama"], out, "--force")) == 0
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+
+
+def test_failure_midway_leaves_nothing(tiny_models, tmp_path, monkeypatch):
+    # A crash while writing (here: the writer raising on its third tensor) must not leave a partial --out.
+    from moeify.checkpoint import writer
+
+    calls = {"n": 0}
+    real_add = writer.ShardedWriter.add
+
+    def failing_add(self, name, tensor):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("disk full")
+        real_add(self, name, tensor)
+
+    monkeypatch.setattr(writer.ShardedWriter, "add", failing_add)
+    with pytest.raises(OSError):
+        main(_build(tiny_models["llama"], tmp_path / "out"))
+    _nothing_written(tmp_path / "out")
+    assert torch.__version__  # the interpreter is fine; nothing else to check
