@@ -28,7 +28,8 @@ def _block(T, D, F, E, k, dispatch, seed=0):
 
 def _run(block, x):
     x = x.clone().requires_grad_(True)
-    y, aux = block(x)
+    out = block(x)
+    y, aux = out.hidden, out.switch_loss + out.cv2_loss + out.z_loss
     (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().add(aux).backward()
     grads = [x.grad, block.router.weight.grad, block.experts.gate_up_proj.grad, block.experts.down_proj.grad]
     return y.detach(), aux.detach(), grads
@@ -62,7 +63,7 @@ def test_unused_expert_gets_zero_gradient():
 
 def test_auto_dispatch_chooses_a_path_that_runs():
     block = _block(10, 10, 8, 4, 2, "auto")  # 10 not aligned -> loop
-    y, _ = block(torch.randn(1, 10, 10))
+    y = block(torch.randn(1, 10, 10)).hidden
     assert y.shape == (1, 10, 10) and torch.isfinite(y).all()
 
 
@@ -96,4 +97,69 @@ def test_block_matches_stock_mixtral_block(dispatch):
         ours.experts.down_proj.copy_(stock.experts.down_proj)
     x = torch.randn(3, 7, 32)
     with torch.no_grad():
-        torch.testing.assert_close(ours(x)[0], stock(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours(x).hidden, stock(x), rtol=1e-5, atol=1e-6)
+
+
+def test_capacity_mask_gives_first_choices_priority_then_earlier_tokens():
+    from moeify.modeling.moe_block import capacity_keep_mask
+
+    # Expert 0 gets three 1st choices, then token 3's 2nd; expert 1 gets token 3's 1st choice, then
+    # three 2nd choices. With 3 slots each, the last arrival at each expert is dropped.
+    indices = torch.tensor([[0, 1], [0, 1], [0, 1], [1, 0]])
+    keep = capacity_keep_mask(indices, num_experts=2, capacity=3)
+    assert keep.tolist() == [[True, True], [True, True], [True, False], [True, False]]
+
+
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "loop"])
+def test_capacity_factor_drops_and_matches_reference(dispatch):
+    x = torch.randn(1, 40, 16, generator=torch.Generator().manual_seed(3))
+    outs = {}
+    for path in ("reference", dispatch):
+        block = _block(40, 16, 8, 4, 2, path)
+        block.capacity_factor = 1.0
+        with torch.no_grad():
+            block.router.selection_bias[0] = 100.0  # every token picks expert 0: it overflows
+        outs[path] = _run(block, x), block(x).dropped
+    (y_ref, _, g_ref), dropped_ref = outs["reference"]
+    (y, _, g), dropped = outs[dispatch]
+    assert dropped == dropped_ref and dropped > 0
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_dropless_reports_zero_dropped():
+    assert _block(40, 16, 8, 4, 2, "loop")(torch.randn(1, 40, 16)).dropped == 0
+
+
+def test_noisy_gating_only_in_training_and_learns_its_scale():
+    router = TopKRouter(8, 4, 2, noisy=True)
+    torch.nn.init.normal_(router.weight)
+    assert router.noise_weight.abs().sum() == 0  # zero-initialised
+    x = torch.randn(64, 8)
+    router.eval()
+    torch.testing.assert_close(router(x).logits_TE, router(x).logits_TE)
+    router.train()
+    noisy = router(x)
+    assert not torch.equal(noisy.logits_TE, router(x).logits_TE)
+    noisy.weights_TK.pow(2).sum().backward()
+    assert router.noise_weight.grad.abs().sum() > 0
+
+
+def test_selection_bias_changes_choice_not_weights():
+    router = TopKRouter(2, 3, 1)
+    with torch.no_grad():
+        router.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+        router.selection_bias.copy_(torch.tensor([0.0, 0.0, 5.0]))
+    routing = router(torch.tensor([[2.0, 1.0]]))
+    assert routing.indices_TK.tolist() == [[2]]  # bias wins the selection
+    torch.testing.assert_close(routing.logits_TE, torch.tensor([[2.0, 1.0, 0.0]]))  # logits unbiased
+
+
+def test_cv_squared_balance_loss():
+    from moeify.modeling.losses import cv_squared_balance_loss
+
+    balanced = cv_squared_balance_loss(torch.ones(4, 1), torch.arange(4).view(4, 1), 4)
+    skewed = cv_squared_balance_loss(torch.ones(4, 1), torch.zeros(4, 1, dtype=torch.long), 4)
+    assert balanced.item() == pytest.approx(0.0, abs=1e-6)
+    assert skewed.item() == pytest.approx(6.0)  # CV^2 of [4,0,0,0] is 3, for importance and load

@@ -25,24 +25,33 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * expert_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, expert_size))
 
-    def forward(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-        """Sum over the k chosen experts of weight * expert(x), for each token."""
+    def forward(
+        self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor, keep_TK: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Sum over the k chosen experts of weight * expert(x), for each token.
+
+        keep_TK (optional, bool): assignments to compute; the others are dropped (contribute zero).
+        """
         dispatch = self.dispatch
         if dispatch == "auto":
             usable = grouped_mm_supported(x_TD, self.gate_up_proj, self.down_proj)
             dispatch = "grouped_mm" if usable else "loop"
         if dispatch == "reference":
+            if keep_TK is not None:
+                weights_TK = weights_TK * keep_TK
             return self.forward_reference(x_TD, indices_TK, weights_TK)
-        return self._forward_sorted(x_TD, indices_TK, weights_TK, use_grouped_mm=dispatch == "grouped_mm")
+        return self._forward_sorted(x_TD, indices_TK, weights_TK, keep_TK, use_grouped_mm=dispatch == "grouped_mm")
 
-    def _forward_sorted(self, x_TD, indices_TK, weights_TK, use_grouped_mm: bool) -> torch.Tensor:
-        # Dropless: every (token, expert) assignment is computed, grouped by expert.
+    def _forward_sorted(self, x_TD, indices_TK, weights_TK, keep_TK, use_grouped_mm: bool) -> torch.Tensor:
+        # Every kept (token, expert) assignment is computed, grouped by expert.
         T, K = indices_TK.shape
         flat_expert_A = indices_TK.reshape(-1)  # A = T*K assignments
         order_A = flat_expert_A.argsort(stable=True)
+        if keep_TK is not None:
+            order_A = order_A[keep_TK.reshape(-1)[order_A]]
         token_A = order_A // K
         x_AD = x_TD[token_A]
-        counts_E = torch.bincount(flat_expert_A, minlength=self.num_experts)
+        counts_E = torch.bincount(flat_expert_A[order_A], minlength=self.num_experts)
         if use_grouped_mm:
             offs_E = counts_E.cumsum(0).to(torch.int32)
             h_AF2 = grouped_mm(x_AD, self.gate_up_proj.transpose(-2, -1), offs_E)

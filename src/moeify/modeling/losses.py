@@ -1,4 +1,10 @@
+"""Router losses. All take the router logits [T, E] and the chosen experts [T, k]."""
+
 import torch
+
+
+def expert_counts(indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    return torch.bincount(indices_TK.reshape(-1), minlength=num_experts)
 
 
 def switch_aux_loss(logits_TE: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:
@@ -9,6 +15,32 @@ def switch_aux_loss(logits_TE: torch.Tensor, indices_TK: torch.Tensor) -> torch.
     """
     num_experts = logits_TE.shape[-1]
     probs_TE = logits_TE.float().softmax(dim=-1)
-    counts_E = torch.bincount(indices_TK.reshape(-1), minlength=num_experts).to(probs_TE.dtype)
-    fraction_E = counts_E / indices_TK.numel()
+    fraction_E = expert_counts(indices_TK, num_experts).to(probs_TE.dtype) / indices_TK.numel()
     return num_experts * (fraction_E * probs_TE.mean(dim=0)).sum()
+
+
+def cv_squared(x: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation var(x) / (mean(x)^2 + 1e-10)."""
+    return x.float().var(correction=0) / (x.float().mean() ** 2 + 1e-10)
+
+
+def cv_squared_balance_loss(weights_TK: torch.Tensor, indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """LLaMA-MoE balance loss CV^2(importance) + CV^2(load).
+
+    importance_e = sum of the gate scores given to e (differentiable); load_e = number of tokens
+    sent to e (a count, so only the importance term carries gradient).
+    """
+    importance_E = torch.zeros(num_experts, dtype=weights_TK.dtype, device=weights_TK.device)
+    importance_E = importance_E.scatter_add(0, indices_TK.reshape(-1), weights_TK.reshape(-1))
+    return cv_squared(importance_E) + cv_squared(expert_counts(indices_TK, num_experts))
+
+
+def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2; keeps router logits small."""
+    return torch.logsumexp(logits_TE.float(), dim=-1).pow(2).mean()
+
+
+def router_entropy(logits_TE: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of the router's softmax distribution over experts."""
+    log_probs_TE = logits_TE.float().log_softmax(dim=-1)
+    return -(log_probs_TE.exp() * log_probs_TE).sum(-1).mean()

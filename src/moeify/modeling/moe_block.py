@@ -1,22 +1,85 @@
 """The MoE feed-forward block: route each token to k experts and mix their outputs."""
 
+import math
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from moeify.modeling.experts import Dispatch, Experts
-from moeify.modeling.losses import switch_aux_loss
+from moeify.modeling.losses import (
+    cv_squared_balance_loss,
+    expert_counts,
+    router_entropy,
+    router_z_loss,
+    switch_aux_loss,
+)
 from moeify.modeling.router import TopKRouter
 
 
-class MoEBlock(nn.Module):
-    def __init__(self, hidden_size: int, expert_size: int, num_experts: int, top_k: int, dispatch: Dispatch = "auto"):
-        super().__init__()
-        self.router = TopKRouter(hidden_size, num_experts, top_k)
-        self.experts = Experts(num_experts, hidden_size, expert_size, dispatch)
+@dataclass
+class MoEOutput:
+    hidden: torch.Tensor  # same shape as the input
+    switch_loss: torch.Tensor  # E * sum f_e P_e
+    cv2_loss: torch.Tensor  # CV^2(importance) + CV^2(load)
+    z_loss: torch.Tensor  # mean logsumexp^2
+    load_E: torch.Tensor  # assignments routed to each expert (before any drop)
+    dropped: torch.Tensor  # assignments dropped by the capacity limit
+    entropy: torch.Tensor  # mean router entropy
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the block output (same shape as the input) and the Switch auxiliary loss."""
+
+def capacity_keep_mask(indices_TK: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """Which assignments fit in each expert's capacity.
+
+    Priority (GShard): every token's first choice before any second choice; within a choice
+    rank, earlier tokens first.
+    """
+    flat_A = indices_TK.t().reshape(-1)  # choice-major order
+    order_A = flat_A.argsort(stable=True)
+    starts_E = expert_counts(indices_TK, num_experts).cumsum(0) - expert_counts(indices_TK, num_experts)
+    rank_sorted_A = torch.arange(flat_A.numel(), device=flat_A.device) - starts_E[flat_A[order_A]]
+    rank_A = torch.empty_like(rank_sorted_A).scatter_(0, order_A, rank_sorted_A)
+    return (rank_A < capacity).view(indices_TK.shape[1], -1).t()
+
+
+class MoEBlock(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        expert_size: int,
+        num_experts: int,
+        top_k: int,
+        dispatch: Dispatch = "auto",
+        noisy: bool = False,
+        capacity_factor: float | None = None,
+    ):
+        super().__init__()
+        self.router = TopKRouter(hidden_size, num_experts, top_k, noisy=noisy)
+        self.experts = Experts(num_experts, hidden_size, expert_size, dispatch)
+        self.capacity_factor = capacity_factor
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Assignments each expert may take: ceil(CF * T * k / E); None when dropless."""
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(self.capacity_factor * num_tokens * self.router.top_k / self.router.num_experts)
+
+    def forward(self, x_BSD: torch.Tensor) -> MoEOutput:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         routing = self.router(x_TD)
-        y_TD = self.experts(x_TD, routing.indices_TK, routing.weights_TK)
-        return y_TD.view_as(x_BSD), switch_aux_loss(routing.logits_TE, routing.indices_TK)
+        E = self.router.num_experts
+        keep_TK = None
+        capacity = self.capacity(x_TD.shape[0])
+        if capacity is not None:
+            keep_TK = capacity_keep_mask(routing.indices_TK, E, capacity)
+        y_TD = self.experts(x_TD, routing.indices_TK, routing.weights_TK, keep_TK)
+        dropped = torch.zeros((), dtype=torch.long) if keep_TK is None else (~keep_TK).sum()
+        return MoEOutput(
+            hidden=y_TD.view_as(x_BSD),
+            switch_loss=switch_aux_loss(routing.logits_TE, routing.indices_TK),
+            cv2_loss=cv_squared_balance_loss(routing.weights_TK, routing.indices_TK, E),
+            z_loss=router_z_loss(routing.logits_TE),
+            load_E=expert_counts(routing.indices_TK, E),
+            dropped=dropped,
+            entropy=router_entropy(routing.logits_TE.detach()),
+        )
