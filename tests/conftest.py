@@ -1,5 +1,6 @@
 """Tiny random models of real transformers architectures, saved as Hugging Face directories."""
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,9 @@ from transformers import (
     Qwen3Config,
 )
 
+VOCAB = 320
 COMMON = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
 )
 TINY_CONFIGS = {
@@ -25,6 +27,22 @@ TINY_CONFIGS = {
 }
 
 
+@functools.cache
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer of VOCAB tokens trained on Python's help topics (no hub needed)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from moeify.data.embedded import pydoc_topics
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(pydoc_topics(heldout=False)[:20], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>")
+
+
 def save_tiny(config, path: Path, seed: int = 0, max_shard_size: str | None = None) -> Path:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -34,6 +52,7 @@ def save_tiny(config, path: Path, seed: int = 0, max_shard_size: str | None = No
                 p.normal_(0, 0.1)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
+    tiny_tokenizer().save_pretrained(path)
     return path
 
 
@@ -47,3 +66,29 @@ def logits_of(path: Path, input_ids: torch.Tensor) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(input_ids=input_ids).logits
+
+
+@pytest.fixture(scope="session")
+def tiny_moe(tiny_models, tmp_path_factory) -> Path:
+    """A 4-expert top-2 random-split MoE of the tiny Llama, with a tokenizer."""
+    from moeify.build import BuildConfig, build
+
+    out = tmp_path_factory.mktemp("moe") / "llama-moe"
+    return build(BuildConfig(str(tiny_models["llama"]), out, "random-split", 4, 2, router_std=0.1), progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_moe, tmp_path_factory) -> Path:
+    """The embedded corpus (small slice of each domain) tokenised for the tiny models, blocks of 32."""
+    from moeify.data.prepare import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("data") / "embedded"
+    return prepare(PrepareConfig(str(tiny_moe), out=out, seq_len=32, embedded_chars=40_000), progress=False).path
+
+
+def train_config(model: Path, data: Path, out: Path, **overrides):
+    from moeify.train.config import TrainConfig
+
+    settings = dict(model=str(model), data=str(data), out=str(out), batch_size=8, micro_batch=4, max_tokens=8 * 32 * 12,
+                    lr=3e-3, warmup_steps=2, eval_blocks=4, export=False)
+    return TrainConfig(**{**settings, **overrides})

@@ -11,7 +11,7 @@ from transformers import AutoConfig
 from moeify.build import BuildConfig, build
 from tests.conftest import logits_of, save_tiny
 
-INPUT_IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+INPUT_IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
 EXPECTED_ARCH = {
     "llama": "MixtralForCausalLM",
     "mistral": "MixtralForCausalLM",

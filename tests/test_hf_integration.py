@@ -9,7 +9,7 @@ from moeify.checkpoint.writer import ShardedWriter
 from moeify.modeling.hf import attach_moe_blocks, stock_state_dict
 from tests.conftest import logits_of
 
-INPUT_IDS = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(1))
+INPUT_IDS = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "llama-tied"])

@@ -22,7 +22,7 @@ from moeify.errors import MoeifyError
 
 MANIFEST = "moeify.json"
 # Files of the dense directory that describe the tokenizer or generation and travel unchanged.
-_CARRIED_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|chat_template\.(jinja|json)|generation_config\.json|.*\.model|vocab\.json|merges\.txt)$")
+CARRIED_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|chat_template\.(jinja|json)|generation_config\.json|.*\.model|vocab\.json|merges\.txt)$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -100,7 +100,7 @@ def build(config: BuildConfig, progress: bool = True) -> Path:
 
         moe_config.save_pretrained(tmp)
         for file in sorted(dense.path.iterdir()):
-            if file.is_file() and _CARRIED_FILES.match(file.name):
+            if file.is_file() and CARRIED_FILES.match(file.name):
                 shutil.copyfile(file, tmp / file.name)
         manifest = {
             "moeify_version": moeify.__version__,

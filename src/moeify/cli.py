@@ -14,6 +14,23 @@ def _add_routing(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=2, help="experts per token k (default 2)")
 
 
+def _add_dataclass_flags(parser: argparse.ArgumentParser, schema) -> None:
+    """One flag per dataclass field; defaults are None so that only given flags override a recipe."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        inner = [a for a in typing.get_args(kind) if a is not type(None)]
+        base = inner[0] if inner else kind
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default})")
+        else:
+            parser.add_argument(flag, type=base, default=None, help=f"(default {f.default})")
+
+
 def _parser() -> argparse.ArgumentParser:
     from moeify.checkpoint.resolve import DEFAULT_MODEL
     from moeify.construct import METHODS
@@ -42,6 +59,21 @@ def _parser() -> argparse.ArgumentParser:
     quick.add_argument("--work-dir", type=Path, default=None, help="where the MoE checkpoints go (default: cache)")
     quick.add_argument("--eval-tokens", type=int, default=1024, help="held-out tokens to score")
     _add_routing(quick)
+
+    data = commands.add_parser("data", help="prepare training data").add_subparsers(dest="data_command", required=True)
+    prep = data.add_parser("prepare", help="tokenise and pack corpora per domain (default: the embedded corpus)")
+    prep.add_argument("--model", default=DEFAULT_MODEL, help="model whose tokenizer is used")
+    prep.add_argument("--source", action="append", default=[], metavar="DOMAIN=PATH",
+                      help="text file/folder, .jsonl, .parquet or saved HF dataset; repeat per domain")
+    prep.add_argument("--out", type=Path, default=None, help="output directory (default: cache)")
+    prep.add_argument("--seq-len", type=int, default=512)
+
+    from moeify.train.config import TrainConfig
+
+    train = commands.add_parser("train", help="continual pre-training (run under torchrun for several ranks)")
+    train.add_argument("--recipe", type=Path, default=None, help="YAML recipe (its train: section); flags override it")
+    train.add_argument("--stop-after-steps", type=int, default=None, help="stop this call early, checkpointed")
+    _add_dataclass_flags(train, TrainConfig)
     return parser
 
 
@@ -72,6 +104,27 @@ def _run(args: argparse.Namespace) -> None:
         if args.work_dir is not None:
             config.work_dir = args.work_dir
         print(format_rows(quickstart(config), config.prompt))
+    elif args.command == "data":
+        from moeify.data.prepare import PrepareConfig, prepare
+
+        dataset = prepare(PrepareConfig(model=args.model, sources=args.source, out=args.out, seq_len=args.seq_len))
+        for domain in dataset.domains:
+            info = dataset.meta["domains"][domain]
+            print(f"{domain:<16} {info['documents']:>7} docs {info['train_tokens']:>11} train tokens {info['val_tokens']:>9} held-out")
+        print(f"wrote {dataset.path}")
+    elif args.command == "train":
+        import dataclasses
+
+        from moeify.train.config import TrainConfig, load_recipe, make_config
+        from moeify.train.loop import train
+
+        recipe = load_recipe(args.recipe) if args.recipe else {}
+        overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+        result = train(make_config(recipe, overrides), stop_after_steps=args.stop_after_steps)
+        if result.model_dir is not None:
+            print(f"trained {result.steps} steps; model: {result.model_dir}")
+        else:
+            print(f"stopped at step {result.steps}; resume with --resume --out {result.out}")
 
 
 def main(argv: list[str] | None = None) -> int:

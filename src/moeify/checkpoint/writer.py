@@ -1,6 +1,7 @@
 """Write a model tensor by tensor into safetensors shards, holding at most one shard in memory."""
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -47,6 +48,7 @@ class ShardedWriter:
         weight_map = {}
         for index, path in enumerate(final):
             self._shard_path(index).rename(path)
+            os.chmod(path, 0o644)  # safetensors creates files owner-only
             weight_map.update({key: path.name for key in self._shard_keys[index]})
         if count > 1:
             index_doc = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}

@@ -1,0 +1,120 @@
+"""`moeify data prepare`: read sources, tokenise with the model's tokenizer, pack per domain."""
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from moeify.checkpoint.atomic import atomic_directory
+from moeify.checkpoint.resolve import cache_dir, resolve_model
+from moeify.data.embedded import HELDOUT_EVERY, embedded_corpus
+from moeify.data.packed import META, PackedDataset
+from moeify.data.sources import Source, read_documents
+from moeify.errors import MoeifyError
+
+FORMAT_VERSION = 1
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json")
+
+
+@dataclass
+class PrepareConfig:
+    model: str
+    """Model whose tokenizer is used (directory, .gguf or embedded name)."""
+    sources: list[str] = field(default_factory=list)
+    """DOMAIN=PATH entries; empty means the embedded corpus (code, docstrings, reference)."""
+    out: Path | None = None
+    """Output directory; default: a cache directory named by the inputs' fingerprint."""
+    seq_len: int = 512
+    embedded_chars: int = 2_000_000
+    """Characters per domain of the embedded corpus."""
+
+
+def tokenizer_fingerprint(model_dir: Path) -> str:
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            digest.update(name.encode() + (model_dir / name).read_bytes())
+    return digest.hexdigest()
+
+
+def _source_fingerprint(sources: list[Source]) -> str:
+    digest = hashlib.sha256()
+    for source in sources:
+        digest.update(source.domain.encode())
+        for file in source.files():
+            stat = file.stat()
+            digest.update(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def prepare(config: PrepareConfig, progress: bool = True) -> PackedDataset:
+    if config.seq_len < 2:
+        raise MoeifyError(f"--seq-len must be at least 2, got {config.seq_len}")
+    from transformers import AutoTokenizer
+
+    model_dir = resolve_model(config.model)
+    sources = [Source.parse(spec) for spec in config.sources]
+    domains = [s.domain for s in sources]
+    key = {
+        "format": FORMAT_VERSION,
+        "tokenizer": tokenizer_fingerprint(model_dir),
+        "seq_len": config.seq_len,
+        "sources": _source_fingerprint(sources) if sources else f"embedded:{sys.version_info[:2]}:{config.embedded_chars}",
+    }
+    fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    out = config.out or cache_dir() / "data" / fingerprint[:16]
+    if (out / META).is_file() and json.loads((out / META).read_text()).get("fingerprint") == fingerprint:
+        return PackedDataset(out)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+    if eos is None:
+        raise MoeifyError(f"the tokenizer of {model_dir} has no EOS or BOS token to separate documents")
+    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
+    if sources:
+        documents: dict[str, list[str]] = {}
+        for source in sources:
+            documents.setdefault(source.domain, []).extend(read_documents(source))
+    else:
+        documents = embedded_corpus(config.embedded_chars)
+
+    meta = {"fingerprint": fingerprint, "key": key, "seq_len": config.seq_len, "dtype": np.dtype(dtype).name,
+            "tokenizer": {"model": str(model_dir), "fingerprint": key["tokenizer"], "vocab_size": len(tokenizer), "eos": eos},
+            "domains": {}}
+    with atomic_directory(out, force=True) as tmp:
+        for domain in tqdm(sorted(documents), desc="tokenise", unit="domain", disable=not progress, file=sys.stderr):
+            docs = documents[domain]
+            if not docs:
+                raise MoeifyError(f"domain {domain!r} has no text; check its source (empty files are skipped)")
+            split = _split_documents(tokenizer, docs, eos)
+            meta["domains"][domain] = {"documents": len(docs)}
+            for name, tokens in split.items():
+                blocks = len(tokens) // config.seq_len
+                if blocks == 0:
+                    raise MoeifyError(
+                        f"domain {domain!r} has {len(tokens)} {name} tokens, fewer than one block of --seq-len "
+                        f"{config.seq_len}; add text to it or lower --seq-len"
+                    )
+                np.asarray(tokens[: blocks * config.seq_len], dtype=dtype).tofile(tmp / f"{domain}.{name}.bin")
+                meta["domains"][domain][f"{name}_blocks"] = blocks
+                meta["domains"][domain][f"{name}_tokens"] = blocks * config.seq_len
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+    return PackedDataset(out)
+
+
+def _split_documents(tokenizer, docs: list[str], eos: int) -> dict[str, list[int]]:
+    """Held-out split: every 10th document when there are at least 10, else the last 10% of tokens."""
+    ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
+    streams: dict[str, list[int]] = {"train": [], "val": []}
+    if len(docs) >= HELDOUT_EVERY:
+        for i, doc_ids in enumerate(ids):
+            streams["val" if i % HELDOUT_EVERY == 0 else "train"].extend(doc_ids + [eos])
+    else:
+        flat = [t for doc_ids in ids for t in doc_ids + [eos]]
+        cut = len(flat) - len(flat) // HELDOUT_EVERY
+        streams = {"train": flat[:cut], "val": flat[cut:]}
+    return streams

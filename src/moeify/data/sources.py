@@ -1,0 +1,95 @@
+"""Corpus readers: plain text files or folders, jsonl, parquet, Hugging Face datasets saved to disk.
+
+A source is given as DOMAIN=PATH; every document read from it belongs to that domain.
+"""
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from moeify.errors import MoeifyError
+
+TEXT_FIELD = "text"
+
+
+@dataclass(frozen=True)
+class Source:
+    domain: str
+    path: Path
+
+    @classmethod
+    def parse(cls, spec: str) -> "Source":
+        domain, sep, path = spec.partition("=")
+        if not sep or not domain or not path:
+            raise MoeifyError(f"source {spec!r} is not DOMAIN=PATH; write e.g. --source code=./src")
+        source = cls(domain, Path(path).expanduser())
+        if not source.path.exists():
+            raise MoeifyError(f"source {spec!r}: {source.path} does not exist")
+        return source
+
+    def files(self) -> list[Path]:
+        if self.path.is_file():
+            return [self.path]
+        return sorted(p for p in self.path.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def is_hf_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists())
+
+
+def read_documents(source: Source) -> Iterator[str]:
+    if is_hf_dataset(source.path):
+        yield from _hf_dataset(source.path)
+        return
+    for file in source.files():
+        if file.suffix == ".jsonl":
+            yield from _jsonl(file)
+        elif file.suffix == ".parquet":
+            yield from _parquet(file)
+        else:
+            try:
+                text = file.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                continue  # binary file inside a text folder
+            if text.strip():
+                yield text
+
+
+def _jsonl(file: Path) -> Iterator[str]:
+    with open(file, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise MoeifyError(f"{file}:{number} is not valid JSON; each line must be an object with a 'text' field") from None
+            if not isinstance(record, dict) or not isinstance(record.get(TEXT_FIELD), str):
+                raise MoeifyError(f"{file}:{number} has no string field 'text'; each line must be {{\"text\": ...}}")
+            if record[TEXT_FIELD].strip():
+                yield record[TEXT_FIELD]
+
+
+def _parquet(file: Path) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise MoeifyError(f"reading {file} needs pyarrow; pip install pyarrow") from None
+    table = pq.read_table(file)
+    if TEXT_FIELD not in table.column_names:
+        raise MoeifyError(f"{file} has no column 'text' (columns: {', '.join(table.column_names)})")
+    yield from (t for t in table.column(TEXT_FIELD).to_pylist() if t and t.strip())
+
+
+def _hf_dataset(path: Path) -> Iterator[str]:
+    try:
+        from datasets import DatasetDict, load_from_disk
+    except ImportError:
+        raise MoeifyError(f"reading the dataset at {path} needs the datasets package; pip install datasets") from None
+    dataset = load_from_disk(str(path))
+    splits = [dataset[name] for name in sorted(dataset)] if isinstance(dataset, DatasetDict) else [dataset]
+    for split in splits:
+        if TEXT_FIELD not in split.column_names:
+            raise MoeifyError(f"dataset {path} has no column 'text' (columns: {', '.join(split.column_names)})")
+        yield from (t for t in split[TEXT_FIELD] if t and t.strip())

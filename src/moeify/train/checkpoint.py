@@ -1,0 +1,76 @@
+"""Resumable training checkpoints with torch.distributed.checkpoint (sharded under FSDP2).
+
+out/checkpoints/step-000120/
+  dcp/                model and optimizer state (one file per rank)
+  trainer.json        step, tokens, scheduler, sampler position and domain weights, model identity
+  rng-rank{R}.pt      each rank's torch RNG state
+A checkpoint is written to `.step-000120.tmp` and renamed when every rank has finished, so a
+crash during a save leaves the previous checkpoints intact; only the newest `keep` are kept.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch import nn
+
+from moeify.errors import MoeifyError
+from moeify.train.distributed import DistEnv, barrier
+
+CHECKPOINTS = "checkpoints"
+
+
+def checkpoint_root(out: Path) -> Path:
+    return out / CHECKPOINTS
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    root = checkpoint_root(out)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / "trainer.json").is_file())
+
+
+def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, trainer_state: dict, env: DistEnv, keep: int) -> Path:
+    root = checkpoint_root(out)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".step-{step:06d}.tmp"
+    if env.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(env)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "dcp"))
+    torch.save(torch.get_rng_state(), tmp / f"rng-rank{env.rank}.pt")
+    barrier(env)
+    if env.is_main:
+        (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in complete_checkpoints(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(env)
+    return final
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer, env: DistEnv, identity: dict) -> dict:
+    """Restore model, optimizer and this rank's RNG; return the trainer state."""
+    trainer_state = json.loads((path / "trainer.json").read_text())
+    if trainer_state["identity"] != identity:
+        differing = sorted(k for k in identity if trainer_state["identity"].get(k) != identity[k])
+        raise MoeifyError(
+            f"checkpoint {path} is from another model or set-up (differs in: {', '.join(differing)}); "
+            "resume with the same --model and settings, or start afresh with --force"
+        )
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(path / "dcp"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng_file = path / f"rng-rank{env.rank}.pt"
+    if not rng_file.is_file():
+        raise MoeifyError(f"checkpoint {path} was written by fewer ranks; resume with the same number of processes")
+    torch.set_rng_state(torch.load(rng_file))
+    return trainer_state

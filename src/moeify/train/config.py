@@ -1,0 +1,97 @@
+"""Training configuration: one dataclass, loaded from a YAML recipe and overridden by CLI flags."""
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from moeify.errors import MoeifyError
+
+
+@dataclass
+class TrainConfig:
+    model: str = "smollm2-135m"
+    """Model to train: an MoE or dense Hugging Face directory, a .gguf file or an embedded name."""
+    out: str = "moeify-run"
+    """Run directory: metrics, checkpoints, and the final model in `model/`."""
+    data: str | None = None
+    """Prepared data directory (`moeify data prepare`); default: the embedded corpus for this model."""
+    seq_len: int = 512
+    """Block length when the embedded corpus is prepared on the fly."""
+    batch_size: int = 8
+    """Global batch in sequences per optimizer step, whatever the number of ranks."""
+    micro_batch: int = 4
+    """Sequences per rank per forward pass; gradient accumulation makes up the rest."""
+    max_tokens: int = 200_000
+    """Token budget; steps = max_tokens // (batch_size * seq_len)."""
+    lr: float = 2e-4
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    domain_weights: str = "proportional"
+    """Static weights: uniform | proportional | llama | sheared-llama | a=0.5,b=0.5 (initial weights if dynamic)."""
+    dynamic: str | None = None
+    """Dynamic domain weights (Sheared-LLaMA): softmax | clipped-exp; None keeps them static."""
+    dynamic_eta: float = 1.0
+    reference_losses: str | None = None
+    """Per-domain reference losses a=2.1,b=3.0 for dynamic sampling; default: measured on the reference model."""
+    reference_model: str | None = None
+    """Model whose held-out losses are the references; default: the dense source in moeify.json."""
+    eval_every: int = 0
+    """Evaluate held-out loss per domain every N steps (0: only at start and end; dynamic needs N > 0)."""
+    eval_blocks: int = 8
+    """Held-out blocks per domain per evaluation."""
+    balance_loss: str = "switch"
+    """switch (E * sum f P) | cv2 (LLaMA-MoE CV^2 importance + load) | none."""
+    balance_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    bias_update_rate: float = 0.0
+    """Aux-loss-free balancing (DeepSeek-V3): selection-bias step per optimizer step; 0 disables."""
+    noisy_gate: bool = False
+    capacity_factor: float | None = None
+    """Tokens over CF * T * k / E per expert are dropped; None is dropless."""
+    trainable: str = "all"
+    """all | moe (routers and experts only) | frozen-router (all but the routers)."""
+    activation_checkpointing: bool = False
+    parallel: str = "fsdp"
+    """With several ranks: fsdp (FSDP2 fully_shard per layer) | ddp."""
+    dispatch: str = "auto"
+    checkpoint_every: int = 0
+    """Save a resumable checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    resume: bool = False
+    """Continue from the newest complete checkpoint in `out`."""
+    force: bool = False
+    """Start afresh even if `out` holds an earlier run."""
+    peak_tflops: float | None = None
+    """Peak FLOP/s for MFU; default: a table for known GPUs, a measured fp32 matmul rate on CPU."""
+    log_every: int = 1
+    export: bool = True
+    """Write the final model in its stock transformers format to `out/model`."""
+
+
+def load_recipe(path: Path, section: str = "train") -> dict:
+    """The `section` mapping of a YAML recipe (or the whole file if it has no sections)."""
+    try:
+        document = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise MoeifyError(f"recipe {path} does not exist; see recipes/ for examples") from None
+    except yaml.YAMLError as error:
+        raise MoeifyError(f"recipe {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(document, dict):
+        raise MoeifyError(f"recipe {path} must be a YAML mapping")
+    return document.get(section, {}) if {"build", "train"} & set(document) else document
+
+
+def make_config(recipe: dict, overrides: dict) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(recipe) - fields)
+    if unknown:
+        raise MoeifyError(f"unknown training option(s) in recipe: {', '.join(unknown)}")
+    return TrainConfig(**{**recipe, **{k: v for k, v in overrides.items() if v is not None}})

@@ -1,0 +1,100 @@
+"""Training set-up: option checks, trainable parameters, optimizer, schedule, reference losses."""
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from moeify.build import MANIFEST
+from moeify.checkpoint.resolve import resolve_model
+from moeify.data.packed import PackedDataset
+from moeify.errors import MoeifyError
+from moeify.modeling.hf import MoEFeedForward
+from moeify.train.config import TrainConfig
+from moeify.train.distributed import DistEnv
+from moeify.train.heldout import heldout_losses
+
+CHOICES = {
+    "balance_loss": ("switch", "cv2", "none"),
+    "trainable": ("all", "moe", "frozen-router"),
+    "parallel": ("fsdp", "ddp"),
+    "dispatch": ("auto", "grouped_mm", "loop", "reference"),
+}
+
+
+def check_config(config: TrainConfig, env: DistEnv) -> None:
+    for name, allowed in CHOICES.items():
+        if getattr(config, name) not in allowed:
+            raise MoeifyError(f"--{name.replace('_', '-')} {getattr(config, name)!r} is not one of: {', '.join(allowed)}")
+    if config.micro_batch < 1 or config.batch_size % (config.micro_batch * env.world_size):
+        raise MoeifyError(
+            f"--batch-size {config.batch_size} must be a multiple of --micro-batch {config.micro_batch} "
+            f"x {env.world_size} rank(s)"
+        )
+    if config.dynamic and config.eval_every < 1:
+        raise MoeifyError("--dynamic updates the domain weights at each evaluation; set --eval-every N (N > 0)")
+    if config.capacity_factor is not None and config.capacity_factor <= 0:
+        raise MoeifyError(f"--capacity-factor must be positive, got {config.capacity_factor}")
+    if config.keep_checkpoints < 1:
+        raise MoeifyError("--keep-checkpoints must be at least 1")
+
+
+def set_trainable(model: torch.nn.Module, blocks: list[MoEFeedForward], trainable: str) -> None:
+    if trainable != "all" and not blocks:
+        raise MoeifyError(f"--trainable {trainable} needs an MoE model; this one is dense")
+    if trainable == "moe":
+        model.requires_grad_(False)
+        for block in blocks:
+            block.requires_grad_(True)
+    elif trainable == "frozen-router":
+        for block in blocks:
+            block.block.router.requires_grad_(False)
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on norms, biases or the selection bias)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to lr, then cosine decay to lr * min_lr_ratio at the last step."""
+    warmup = min(config.warmup_steps, steps)
+
+    def factor(step: int) -> float:  # step = optimizer steps taken so far
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def reference_losses(config: TrainConfig, model_dir: Path, data: PackedDataset, env: DistEnv) -> dict[str, float]:
+    """Per-domain reference losses for dynamic sampling: given, or measured on the reference model."""
+    if config.reference_losses:
+        values = {}
+        for part in config.reference_losses.split(","):
+            domain, _, value = part.partition("=")
+            try:
+                values[domain.strip()] = float(value)
+            except ValueError:
+                raise MoeifyError(f"--reference-losses {config.reference_losses!r}: write a=2.1,b=3.0") from None
+        if set(values) != set(data.domains):
+            raise MoeifyError(f"--reference-losses must name exactly the domains: {', '.join(data.domains)}")
+        return values
+    reference = config.reference_model
+    if reference is None and (model_dir / MANIFEST).is_file():
+        reference = json.loads((model_dir / MANIFEST).read_text()).get("source_path")
+    if reference is None:
+        raise MoeifyError("--dynamic needs reference losses: give --reference-losses or --reference-model")
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(reference), dtype=torch.float32).to(env.device)
+    losses = heldout_losses(model, data, config.eval_blocks, config.micro_batch, env.device)
+    del model
+    return losses

@@ -1,0 +1,133 @@
+"""The training engine on tiny models, one process (multi-process runs are in test_distributed.py)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from moeify.data.sampler import DynamicWeights
+from moeify.errors import MoeifyError
+from moeify.train.loop import train
+from tests.conftest import logits_of, train_config
+
+
+def _metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_lowers_heldout_loss_and_exports(tiny_moe, tiny_data, tmp_path):
+    result = train(train_config(tiny_moe, tiny_data, tmp_path / "run", export=True), progress=False)
+    records = _metrics(tmp_path / "run")
+    start, end = records[0]["heldout_loss"], records[-1]["heldout_loss"]
+    assert sum(end.values()) < sum(start.values()) - 0.5, (start, end)
+    step = records[-1]
+    assert all(torch.isfinite(torch.tensor(step[k])) for k in ("balance_loss", "z_loss", "grad_norm", "router_entropy"))
+    assert len(step["expert_load"]) == 2 and all(abs(sum(layer) - 1) < 1e-6 for layer in step["expert_load"])
+    assert step["dropped_tokens"] == 0 and step["mfu"] > 0 and step["tokens"] == 12 * 8 * 32
+    assert records[1]["lr"] < records[2]["lr"] and records[-1]["lr"] < records[2]["lr"]  # warm-up, then decay
+    # The exported stock checkpoint reloads in transformers with the trained weights.
+    assert result.model_dir is not None and json.loads((result.model_dir / "moeify.json").read_text())["training"]["steps"] == 12
+    ids = torch.randint(0, 320, (1, 16))
+    assert not torch.allclose(logits_of(result.model_dir, ids), logits_of(tiny_moe, ids))
+    assert (tmp_path / "run" / "tensorboard").is_dir()
+
+
+def test_resume_continues_with_identical_losses(tiny_moe, tiny_data, tmp_path):
+    settings = dict(checkpoint_every=3, noisy_gate=True, bias_update_rate=1e-3, domain_weights="uniform")
+    full = train(train_config(tiny_moe, tiny_data, tmp_path / "full", **settings), progress=False)
+    first = train(train_config(tiny_moe, tiny_data, tmp_path / "split", **settings), progress=False, stop_after_steps=5)
+    assert first.steps == 5
+    second = train(train_config(tiny_moe, tiny_data, tmp_path / "split", resume=True, **settings), progress=False)
+    assert second.steps == 12
+    torch.testing.assert_close(first.losses + second.losses, full.losses, rtol=1e-6, atol=1e-6)
+    kept = sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir())
+    assert kept == ["step-000009", "step-000012"]  # keep_checkpoints=2
+
+
+def test_sigkill_during_checkpoint_save_leaves_previous_checkpoint_resumable(tiny_moe, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    config = ["--model", str(tiny_moe), "--data", str(tiny_data), "--out", str(out), "--batch-size", "8", "--micro-batch", "4",
+              "--max-tokens", str(8 * 32 * 400), "--checkpoint-every", "1", "--keep-checkpoints", "3", "--no-export"]
+    process = subprocess.Popen([sys.executable, "-m", "moeify", "train", *config], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    killed_in_save = False
+    while time.time() < deadline and process.poll() is None:
+        root = out / "checkpoints"
+        if root.is_dir() and len(list(root.glob("step-*"))) >= 2 and list(root.glob(".step-*.tmp")):
+            os.kill(process.pid, signal.SIGKILL)
+            killed_in_save = True
+            break
+        time.sleep(0.001)
+    process.wait()
+    assert killed_in_save, "the run ended before a save could be interrupted"
+    complete = sorted((out / "checkpoints").glob("step-*"))
+    assert complete and list((out / "checkpoints").glob(".step-*.tmp"))
+    resumed = train(train_config(tiny_moe, tiny_data, out, max_tokens=8 * 32 * 400, resume=True, checkpoint_every=1,
+                                 keep_checkpoints=3), progress=False, stop_after_steps=1)
+    assert resumed.steps == int(complete[-1].name.split("-")[1]) + 1
+
+
+def test_capacity_factor_one_drops_tokens_and_dropless_none(tiny_moe, tiny_data, tmp_path):
+    capped = train(train_config(tiny_moe, tiny_data, tmp_path / "cf1", capacity_factor=1.0, max_tokens=8 * 32 * 2), progress=False)
+    dropless = train(train_config(tiny_moe, tiny_data, tmp_path / "none", max_tokens=8 * 32 * 2), progress=False)
+    assert capped.steps == dropless.steps == 2
+    assert all(r["dropped_tokens"] > 0 for r in _metrics(tmp_path / "cf1")[1:])
+    assert all(r["dropped_tokens"] == 0 for r in _metrics(tmp_path / "none")[1:])
+
+
+def test_dynamic_rules_move_weight_to_domain_furthest_above_reference():
+    weights = {"easy": 0.5, "hard": 0.3, "mid": 0.2}
+    losses = {"easy": 1.0, "hard": 4.0, "mid": 2.0}
+    reference = {"easy": 1.0, "hard": 2.5, "mid": 1.8}
+    for rule in ("softmax", "clipped-exp"):
+        new = DynamicWeights(reference, rule).update(weights, losses)
+        assert new["hard"] > weights["hard"] and new["easy"] < weights["easy"]
+        assert abs(sum(new.values()) - 1) < 1e-9
+
+
+def test_dynamic_sampling_end_to_end_logs_weight_updates(tiny_moe, tiny_data, tmp_path):
+    # References far below the 'code' loss and at the others' loss: weight must flow to 'code'.
+    references = "code=0.0,docstrings=20,reference=20"
+    train(train_config(tiny_moe, tiny_data, tmp_path / "dyn", dynamic="softmax", eval_every=2, domain_weights="uniform",
+                       reference_losses=references, max_tokens=8 * 32 * 6), progress=False)
+    records = [r for r in _metrics(tmp_path / "dyn") if "domain_weights" in r]
+    assert records[0]["domain_weights"]["code"] == pytest.approx(1 / 3)
+    assert records[-1]["domain_weights"]["code"] > 0.9
+
+
+def test_dense_model_trains_too(tiny_models, tiny_data, tmp_path):
+    result = train(train_config(tiny_models["llama"], tiny_data, tmp_path / "dense", max_tokens=8 * 32 * 3), progress=False)
+    assert result.steps == 3 and "balance_loss" not in _metrics(tmp_path / "dense")[-1]
+
+
+def test_bad_inputs(tiny_moe, tiny_models, tiny_data, tmp_path):
+    from moeify.data.prepare import PrepareConfig, prepare
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("   \n")
+    with pytest.raises(MoeifyError, match="no text"):
+        prepare(PrepareConfig(str(tiny_moe), sources=[f"web={tmp_path / 'empty'}"], out=tmp_path / "d1"), progress=False)
+    (tmp_path / "small.txt").write_text("a few words only")
+    with pytest.raises(MoeifyError, match="fewer than one block"):
+        prepare(PrepareConfig(str(tiny_moe), sources=[f"web={tmp_path / 'small.txt'}"], out=tmp_path / "d2"), progress=False)
+    assert not (tmp_path / "d1").exists() and not (tmp_path / "d2").exists()
+    with pytest.raises(MoeifyError, match="another tokenizer"):
+        smol_like = tmp_path / "other-tok"
+        import shutil
+
+        shutil.copytree(tiny_moe, smol_like)
+        (smol_like / "tokenizer.json").write_text((smol_like / "tokenizer.json").read_text().replace("<eos>", "<end>"))
+        train(train_config(smol_like, tiny_data, tmp_path / "r0"), progress=False)
+    train(train_config(tiny_moe, tiny_data, tmp_path / "r1", max_tokens=8 * 32), progress=False)
+    with pytest.raises(MoeifyError, match="another model"):
+        train(train_config(tiny_models["llama"], tiny_data, tmp_path / "r1", resume=True), progress=False)
+    with pytest.raises(MoeifyError, match="earlier run"):
+        train(train_config(tiny_moe, tiny_data, tmp_path / "r1"), progress=False)
+    with pytest.raises(MoeifyError, match="became nan at step 2; training stopped, last good checkpoint: .*step-000001"):
+        train(train_config(tiny_moe, tiny_data, tmp_path / "r2", lr=1e12, warmup_steps=0, grad_clip=0, checkpoint_every=1), progress=False)
+    assert [p.name for p in (tmp_path / "r2" / "checkpoints").iterdir()] == ["step-000001"]
