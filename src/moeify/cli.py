@@ -121,10 +121,13 @@ def _run(args: argparse.Namespace) -> None:
         recipe = load_recipe(args.recipe) if args.recipe else {}
         overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
         result = train(make_config(recipe, overrides), stop_after_steps=args.stop_after_steps)
-        if result.model_dir is not None:
-            print(f"trained {result.steps} steps; model: {result.model_dir}")
+        if not result.is_main:
+            pass
+        elif not result.finished:
+            print(f"stopped at step {result.steps}; continue with --resume --out {result.out}")
         else:
-            print(f"stopped at step {result.steps}; resume with --resume --out {result.out}")
+            where = result.model_dir or f"{result.out / 'checkpoints'} (not exported)"
+            print(f"trained {result.steps} steps; model: {where}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,8 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # training loss of each step run in this call
     heldout: dict[str, float] = field(default_factory=dict)  # final held-out loss per domain
     model_dir: Path | None = None
+    finished: bool = False  # the whole token budget was trained
+    is_main: bool = True  # this process is rank 0
 
 
 def train(config: TrainConfig, progress: bool = True, stop_after_steps: int | None = None) -> TrainResult:
@@ -91,7 +93,7 @@ def train(config: TrainConfig, progress: bool = True, stop_after_steps: int | No
     if start_step == 0:
         logger.log({"step": 0, "tokens": 0, "domain_weights": sampler.weights, "peak_flops": peak, "peak_flops_source": peak_source,
                     "flops_per_token": flops_token, "heldout_loss": heldout_losses(model, data, config.eval_blocks, config.micro_batch, env.device)})
-    result = TrainResult(out, start_step)
+    result = TrainResult(out, start_step, is_main=env.is_main)
     end_step = steps if stop_after_steps is None else min(steps, start_step + stop_after_steps)
     bar = tqdm(total=steps, initial=start_step, desc="train", unit="step", disable=not (progress and env.is_main), file=sys.stderr)
     last_checkpoint = complete_checkpoints(out)[-1] if config.resume else None
@@ -131,7 +133,8 @@ def train(config: TrainConfig, progress: bool = True, stop_after_steps: int | No
             last_checkpoint = save_checkpoint(out, step, model, optimizer, trainer_state, env, config.keep_checkpoints)
     bar.close()
     logger.close()
-    if result.steps == steps and config.export:
+    result.finished = result.steps == steps
+    if result.finished and config.export:
         training = {"steps": steps, "tokens": tokens_seen, "config": asdict(config), "heldout_loss": result.heldout}
         try:
             result.model_dir = export_stock(model, model_config, model_dir, out / "model", env, training)
