@@ -8,8 +8,8 @@ from moeify.quickstart import QuickstartConfig, format_rows, quickstart
 
 
 def test_quickstart_numbers_are_sane(tmp_path):
-    rows = quickstart(QuickstartConfig(work_dir=tmp_path, eval_tokens=512))
-    dense, upcycled, split = rows
+    rows = quickstart(QuickstartConfig(work_dir=tmp_path, eval_tokens=512, train_tokens=4096))
+    dense, upcycled, split, trained = rows
     # Copy-upcycling reproduces the dense model on real text, after a reload with stock transformers.
     assert upcycled.max_abs_logit_diff is not None and upcycled.max_abs_logit_diff <= 1e-4
     assert abs(upcycled.perplexity - dense.perplexity) < 1e-3 * dense.perplexity
@@ -19,6 +19,9 @@ def test_quickstart_numbers_are_sane(tmp_path):
     # 8 experts top-2: the copies multiply the FFN by 8 but each token uses 2 of them.
     assert upcycled.total_params > 5 * dense.total_params and upcycled.active_params < 2 * dense.active_params
     assert split.total_params - dense.total_params == 30 * 8 * 576  # the routers
+    # Two steps of continual pre-training already pull the random split back toward a language model.
+    assert trained.perplexity < split.perplexity / 10
+    assert (tmp_path / "random-split-cpt" / "metrics.jsonl").is_file()
     table = format_rows(rows, "p")
     assert "upcycle 8x top-2" in table and "random-split 8/top-2 s=4" in table
 

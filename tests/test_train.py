@@ -131,3 +131,29 @@ def test_bad_inputs(tiny_moe, tiny_models, tiny_data, tmp_path):
     with pytest.raises(MoeifyError, match="became nan at step 2; training stopped, last good checkpoint: .*step-000001"):
         train(train_config(tiny_moe, tiny_data, tmp_path / "r2", lr=1e12, warmup_steps=0, grad_clip=0, checkpoint_every=1), progress=False)
     assert [p.name for p in (tmp_path / "r2" / "checkpoints").iterdir()] == ["step-000001"]
+
+
+def _tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("trainable, frozen, moving", [
+    ("moe", "model.layers.0.self_attn.q_proj.weight", "model.layers.0.block_sparse_moe.gate.weight"),
+    ("frozen-router", "model.layers.0.block_sparse_moe.gate.weight", "model.layers.0.self_attn.q_proj.weight"),
+])
+def test_trainable_options(trainable, frozen, moving, tiny_moe, tiny_data, tmp_path):
+    from safetensors.torch import load_file
+
+    train(train_config(tiny_moe, tiny_data, tmp_path / "run", trainable=trainable, max_tokens=8 * 32 * 2, export=True), progress=False)
+    before, after = load_file(str(tiny_moe / "model.safetensors")), _tensors(tmp_path / "run")
+    assert torch.equal(before[frozen], after[frozen])
+    assert not torch.equal(before[moving], after[moving])
+
+
+def test_activation_checkpointing_gives_the_same_losses(tiny_moe, tiny_data, tmp_path):
+    plain = train(train_config(tiny_moe, tiny_data, tmp_path / "a", max_tokens=8 * 32 * 3), progress=False)
+    checkpointed = train(train_config(tiny_moe, tiny_data, tmp_path / "b", max_tokens=8 * 32 * 3, activation_checkpointing=True),
+                         progress=False)
+    torch.testing.assert_close(checkpointed.losses, plain.losses, rtol=1e-5, atol=1e-5)

@@ -9,9 +9,9 @@ from pathlib import Path
 from moeify.errors import MoeifyError
 
 
-def _add_routing(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--experts", type=int, default=8, help="number of experts E (default 8)")
-    parser.add_argument("--top-k", type=int, default=2, help="experts per token k (default 2)")
+def _add_routing(parser: argparse.ArgumentParser, default: int | None = 8, default_k: int | None = 2) -> None:
+    parser.add_argument("--experts", type=int, default=default, help="number of experts E (default 8)")
+    parser.add_argument("--top-k", type=int, default=default_k, help="experts per token k (default 2)")
 
 
 def _add_dataclass_flags(parser: argparse.ArgumentParser, schema) -> None:
@@ -45,11 +45,12 @@ def _parser() -> argparse.ArgumentParser:
 
     build = commands.add_parser("build", help="build an MoE checkpoint from a dense model")
     build.add_argument("--model", required=True, help=f"HF directory, .gguf file or embedded name (e.g. {DEFAULT_MODEL})")
-    build.add_argument("--method", default="upcycle", choices=list(METHODS), help="construction method")
-    _add_routing(build)
+    build.add_argument("--recipe", type=Path, default=None, help="YAML recipe (its build: section); flags override it")
+    build.add_argument("--method", default=None, choices=list(METHODS), help="construction method (default upcycle)")
+    _add_routing(build, None, None)
     build.add_argument("--out", required=True, type=Path, help="output directory")
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--router-std", type=float, default=0.02, help="router init N(0, std); 0 for zeros")
+    build.add_argument("--seed", type=int, default=None, help="(default 0)")
+    build.add_argument("--router-std", type=float, default=None, help="router init N(0, std), default 0.02; 0 for zeros")
     build.add_argument("--scale", type=float, default=None, help="expert output scale (default: E/k for splits, 1 for upcycle)")
     build.add_argument("--max-shard-mb", type=int, default=1024, help="safetensors shard size (MiB)")
     build.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -58,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     quick.add_argument("--model", default=DEFAULT_MODEL)
     quick.add_argument("--work-dir", type=Path, default=None, help="where the MoE checkpoints go (default: cache)")
     quick.add_argument("--eval-tokens", type=int, default=1024, help="held-out tokens to score")
+    quick.add_argument("--train-tokens", type=int, default=32_768,
+                       help="continual pre-training budget for the random-split model; 0 skips it (default ~3 min on 2 cores)")
     _add_routing(quick)
 
     data = commands.add_parser("data", help="prepare training data").add_subparsers(dest="data_command", required=True)
@@ -85,21 +88,24 @@ def _run(args: argparse.Namespace) -> None:
         print(json.dumps(asdict(report), indent=2) if args.json else format_inspection(report))
     elif args.command == "build":
         from moeify.build import BuildConfig, build
+        from moeify.train.config import load_recipe
 
         if args.max_shard_mb < 1:
             raise MoeifyError(f"--max-shard-mb must be at least 1, got {args.max_shard_mb}")
-        out = build(
-            BuildConfig(
-                model=args.model, out=args.out, method=args.method, num_experts=args.experts, top_k=args.top_k,
-                seed=args.seed, router_std=args.router_std, scale=args.scale,
-                max_shard_bytes=args.max_shard_mb << 20, force=args.force,
-            )
-        )
-        print(f"wrote {out}")
+        settings = load_recipe(args.recipe, "build") if args.recipe else {}
+        allowed = {"method", "num_experts", "top_k", "seed", "router_std", "scale"}
+        if set(settings) - allowed:
+            raise MoeifyError(f"unknown build option(s) in recipe: {', '.join(sorted(set(settings) - allowed))}")
+        flags = {"method": args.method, "num_experts": args.experts, "top_k": args.top_k, "seed": args.seed,
+                 "router_std": args.router_std, "scale": args.scale}
+        settings.update({k: v for k, v in flags.items() if v is not None})
+        config = BuildConfig(model=args.model, out=args.out, max_shard_bytes=args.max_shard_mb << 20, force=args.force, **settings)
+        print(f"wrote {build(config)}")
     elif args.command == "quickstart":
         from moeify.quickstart import QuickstartConfig, format_rows, quickstart
 
-        config = QuickstartConfig(model=args.model, num_experts=args.experts, top_k=args.top_k, eval_tokens=args.eval_tokens)
+        config = QuickstartConfig(model=args.model, num_experts=args.experts, top_k=args.top_k, eval_tokens=args.eval_tokens,
+                                  train_tokens=args.train_tokens)
         config.split_scale = args.experts / args.top_k
         if args.work_dir is not None:
             config.work_dir = args.work_dir

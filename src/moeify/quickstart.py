@@ -31,6 +31,10 @@ class QuickstartConfig:
     prompt: str = "What is the capital of France?"
     max_new_tokens: int = 20
     seed: int = 0
+    train_tokens: int = 32_768
+    """Continual pre-training budget for the random-split model (0 skips it); ~3 min on 2 CPU cores."""
+    train_seq_len: int = 256
+    train_lr: float = 2e-3
 
 
 @dataclass
@@ -66,12 +70,17 @@ def quickstart(config: QuickstartConfig) -> list[Row]:
             seed=config.seed, scale=config.split_scale, force=True,
         ),
     }
+    split_name = list(builds)[-1]
+    if config.train_tokens > 0:
+        builds[f"{split_name} + CPT {config.train_tokens // 1000}k tok"] = "train"
     rows, dense_logits = [], None
     for name, target in builds.items():
         start = time.perf_counter()
         if isinstance(target, BuildConfig):
             _log(f"building {name} -> {target.out}")
             path = build(target)
+        elif target == "train":
+            path = _continue_pretraining(config, config.work_dir / "random-split")
         else:
             path = target
         _log(f"scoring {name} (reloaded from disk with stock transformers)")
@@ -84,6 +93,22 @@ def quickstart(config: QuickstartConfig) -> list[Row]:
         rows.append(Row(name, total, active, scores.perplexity, diff, completion, time.perf_counter() - start))
         del model
     return rows
+
+
+def _continue_pretraining(config: QuickstartConfig, model_dir: Path) -> Path:
+    from moeify.train.config import TrainConfig
+    from moeify.train.loop import train
+
+    run = config.work_dir / "random-split-cpt"
+    _log(f"continual pre-training of the random-split model on the embedded corpus, {config.train_tokens} tokens -> {run}")
+    batch = 8
+    train_config = TrainConfig(
+        model=str(model_dir), out=str(run), seq_len=config.train_seq_len, batch_size=batch, micro_batch=batch // 2,
+        max_tokens=config.train_tokens, lr=config.train_lr, warmup_steps=2, eval_blocks=4, seed=config.seed, force=True,
+    )
+    result = train(train_config)
+    assert result.model_dir is not None
+    return result.model_dir
 
 
 def _prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
@@ -104,14 +129,14 @@ def _greedy(model, tokenizer, prompt_ids: torch.Tensor, max_new_tokens: int) -> 
 
 
 def format_rows(rows: list[Row], prompt: str) -> str:
-    header = f"{'model':<30}{'total':>9}{'active':>9}{'ppl':>10}{'max|Δlogit|':>13}{'time':>7}"
+    header = f"{'model':<40}{'total':>9}{'active':>9}{'ppl':>10}{'max|Δlogit|':>13}{'time':>7}"
     lines = [header, "-" * len(header)]
     for row in rows:
         diff = "-" if row.max_abs_logit_diff is None else f"{row.max_abs_logit_diff:.2e}"
         lines.append(
-            f"{row.name:<30}{row.total_params / 1e6:>8.1f}M{row.active_params / 1e6:>8.1f}M"
+            f"{row.name:<40}{row.total_params / 1e6:>8.1f}M{row.active_params / 1e6:>8.1f}M"
             f"{row.perplexity:>10.2f}{diff:>13}{row.seconds:>6.0f}s"
         )
     lines += ["", f"greedy completion of {prompt!r}:"]
-    lines += [f"  {row.name:<30} {row.completion!r}" for row in rows]
+    lines += [f"  {row.name:<40} {row.completion!r}" for row in rows]
     return "\n".join(lines)
