@@ -60,7 +60,10 @@ def train(config: TrainConfig, progress: bool = True, stop_after_steps: int | No
     blocks = attach_moe_blocks(model, config.dispatch, config.noisy_gate, config.capacity_factor)
     set_trainable(model, blocks, config.trainable)
     if config.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     flops_token = flops_per_token(model, data.seq_len)
     model_config = model.config
     model = wrap_model(model, env, config.parallel)
