@@ -1,6 +1,8 @@
 """Real multi-process runs: torchrun, gloo, FSDP2 / DDP, against one process with the same global batch."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,18 @@ from tests.conftest import train_config
 STEPS = 6
 
 
+def run_group(command: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run a launcher in its own process group; on timeout kill the group (torchrun's workers too)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"{command[:6]}... timed out after {timeout}s:\n{stderr[-3000:]}") from None
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
 def _torchrun(tiny_moe: Path, tiny_data: Path, out: Path, parallel: str, *extra: str) -> list[dict]:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "moeify", "train",
@@ -20,7 +34,7 @@ def _torchrun(tiny_moe: Path, tiny_data: Path, out: Path, parallel: str, *extra:
         "--max-tokens", str(8 * 32 * STEPS), "--lr", "3e-3", "--warmup-steps", "2", "--eval-blocks", "4",
         "--parallel", parallel, *extra,
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = run_group(command, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 

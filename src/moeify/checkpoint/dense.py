@@ -91,6 +91,18 @@ class DenseCheckpoint:
         except (SafetensorError, OSError) as error:
             raise MoeifyError(f"cannot read tensor {name} from {self._file_of[name]}: {error}; re-download it") from None
 
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of a tensor, read from disk without loading the rest."""
+        if name not in self._file_of:
+            raise MoeifyError(f"{self.path} has no tensor {name!r}; the checkpoint is incomplete")
+        try:
+            return self._handles[self._file_of[name]].get_slice(name)[start:stop]
+        except (SafetensorError, OSError) as error:
+            raise MoeifyError(f"cannot read tensor {name} from {self._file_of[name]}: {error}; re-download it") from None
+
+    def missing(self, names: list[str]) -> list[str]:
+        return [name for name in names if name not in self._file_of]
+
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handles[self._file_of[name]].get_slice(name).get_shape())
 

@@ -13,6 +13,14 @@ from moeify.errors import MoeifyError
 class TrainConfig:
     model: str = "smollm2-135m"
     """Model to train: an MoE or dense Hugging Face directory, a .gguf file or an embedded name."""
+    from_dense: str | None = None
+    """Online upcycling: build the MoE from this dense model inside the job, each rank only its shards
+    (then --model is ignored; --method/--experts/--top-k/--router-std/--scale say how)."""
+    method: str = "upcycle"
+    experts: int = 8
+    top_k: int = 2
+    router_std: float = 0.02
+    scale: float | None = None
     out: str = "moeify-run"
     """Run directory: metrics, checkpoints, and the final model in `model/`."""
     data: str | None = None

@@ -70,3 +70,12 @@ def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()
+
+
+def gather_to_list(value, env: DistEnv) -> list:
+    """Every rank's `value` (a small Python object), in rank order."""
+    if not env.distributed:
+        return [value]
+    values = [None] * env.world_size
+    dist.all_gather_object(values, value)
+    return values

@@ -14,8 +14,11 @@ from moeify.modeling.hf import stock_state_dict
 from moeify.train.distributed import DistEnv, barrier
 
 
-def export_stock(model: torch.nn.Module, config, source_dir: Path, out: Path, env: DistEnv, training: dict) -> Path:
-    """Gather the full state dict (a collective under FSDP2) and write it on rank 0."""
+def export_stock(model: torch.nn.Module, config, source_dir: Path, out: Path, env: DistEnv, manifest: dict) -> Path:
+    """Gather the full state dict (a collective under FSDP2) and write it on rank 0.
+
+    Tokenizer and generation files come from `source_dir`; `manifest` becomes moeify.json.
+    """
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if env.is_main:
         tensors = stock_state_dict(state, config)
@@ -24,12 +27,10 @@ def export_stock(model: torch.nn.Module, config, source_dir: Path, out: Path, en
             for name in sorted(tensors):
                 writer.add(name, tensors[name])
             writer.close()
-            shutil.copyfile(source_dir / "config.json", tmp / "config.json")
+            config.save_pretrained(tmp)
             for file in sorted(source_dir.iterdir()):
                 if file.is_file() and CARRIED_FILES.match(file.name):
                     shutil.copyfile(file, tmp / file.name)
-            manifest = json.loads((source_dir / MANIFEST).read_text()) if (source_dir / MANIFEST).is_file() else {}
-            manifest["training"] = training
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     barrier(env)
     return out

@@ -1,6 +1,7 @@
 """`moeify train`: continual pre-training of a dense or MoE model on domain-weighted packed data."""
 
 import hashlib
+import json
 import math
 import shutil
 import sys
@@ -13,7 +14,10 @@ import yaml
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
+from moeify.build import MANIFEST
+from moeify.checkpoint.dense import DenseCheckpoint
 from moeify.checkpoint.resolve import resolve_model
+from moeify.construct import get_method
 from moeify.data.packed import PackedDataset
 from moeify.data.prepare import PrepareConfig, prepare, tokenizer_fingerprint
 from moeify.data.sampler import DomainSampler, DynamicWeights, static_weights
@@ -21,10 +25,11 @@ from moeify.errors import MoeifyError
 from moeify.modeling.hf import MoEFeedForward, attach_moe_blocks
 from moeify.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from moeify.train.config import TrainConfig
-from moeify.train.distributed import DistEnv, all_reduce_sum, barrier, init_distributed, wrap_model
+from moeify.train.distributed import DistEnv, all_reduce_sum, barrier, gather_to_list, init_distributed, wrap_model
 from moeify.train.export import export_stock
 from moeify.train.heldout import autocast_for, heldout_losses, sequence_losses
-from moeify.train.metrics import MetricsLogger, flops_per_token, peak_flops
+from moeify.train.metrics import MetricsLogger, flops_per_token, peak_flops, peak_rss_mb
+from moeify.train.online import OnlineSpec, build_online
 from moeify.train.setup import check_config, make_optimizer, make_scheduler, reference_losses, set_trainable
 
 
@@ -45,28 +50,46 @@ def train(config: TrainConfig, progress: bool = True, stop_after_steps: int | No
     check_config(config, env)
     out = Path(config.out)
     _prepare_out_dir(out, config, env)
-    model_dir = _on_main_first(env, lambda: resolve_model(config.model))
+    model_dir = _on_main_first(env, lambda: resolve_model(config.from_dense or config.model))
     data = _on_main_first(env, lambda: _dataset(config))
     if tokenizer_fingerprint(model_dir) != data.tokenizer_fingerprint:
         raise MoeifyError(
             f"data in {data.path} was tokenised with another tokenizer than {model_dir}'s; "
-            f"re-run `moeify data prepare --model {config.model}`"
+            f"re-run `moeify data prepare --model {config.from_dense or config.model}`"
         )
 
     torch.manual_seed(config.seed + env.rank)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(env.device)
-    if data.meta["tokenizer"]["vocab_size"] > model.get_input_embeddings().num_embeddings:
-        raise MoeifyError(f"the data's vocabulary is larger than {model_dir}'s embedding table; prepare the data with this model")
-    blocks = attach_moe_blocks(model, config.dispatch, config.noisy_gate, config.capacity_factor)
-    set_trainable(model, blocks, config.trainable)
-    if config.activation_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    flops_token = flops_per_token(model, data.seq_len)
+    flops: dict[str, float] = {}
+
+    def before_sharding(model, blocks):
+        set_trainable(model, blocks, config.trainable)
+        if config.activation_checkpointing:
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        flops["per_token"] = flops_per_token(model, data.seq_len)
+
+    if config.from_dense:
+        dense = DenseCheckpoint(model_dir)
+        spec = OnlineSpec(config.method, config.experts, config.top_k, config.seed, config.router_std, config.scale)
+        model, blocks = build_online(dense, spec, env, config.parallel, config.dispatch, config.noisy_gate,
+                                     config.capacity_factor, before_sharding)
+        method = get_method(config.method)
+        manifest = spec.manifest(dense, config.from_dense, method.expert_size(dense.ffn_size, config.experts),
+                                 method.default_scale(config.experts, config.top_k) if config.scale is None else config.scale,
+                                 model.config.architectures[0])
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(env.device)
+        blocks = attach_moe_blocks(model, config.dispatch, config.noisy_gate, config.capacity_factor)
+        before_sharding(model, blocks)
+        model = wrap_model(model, env, config.parallel)
+        manifest = json.loads((model_dir / MANIFEST).read_text()) if (model_dir / MANIFEST).is_file() else {}
+    rss_after_build = gather_to_list(round(peak_rss_mb(), 1), env)  # per rank
     model_config = model.config
-    model = wrap_model(model, env, config.parallel)
+    if data.meta["tokenizer"]["vocab_size"] > model_config.vocab_size:
+        raise MoeifyError(f"the data's vocabulary is larger than {model_dir}'s embedding table; prepare the data with this model")
+    flops_token = flops["per_token"]
     model.train()
 
     steps = config.max_tokens // (config.batch_size * data.seq_len)
@@ -81,7 +104,7 @@ def train(config: TrainConfig, progress: bool = True, stop_after_steps: int | No
     if config.dynamic:
         dynamic = DynamicWeights(reference_losses(config, model_dir, data, env), config.dynamic, config.dynamic_eta)
 
-    identity = _identity(model_dir, data, config, env)
+    identity = _identity(model_config, data, config, env)
     start_step, tokens_seen = 0, 0
     if config.resume:
         state = load_checkpoint(complete_checkpoints(out)[-1], model, optimizer, env, identity)
@@ -95,11 +118,15 @@ def train(config: TrainConfig, progress: bool = True, stop_after_steps: int | No
     peak, peak_source = peak_flops(env.device, config.peak_tflops)
     if start_step == 0:
         logger.log({"step": 0, "tokens": 0, "domain_weights": sampler.weights, "peak_flops": peak, "peak_flops_source": peak_source,
-                    "flops_per_token": flops_token, "heldout_loss": heldout_losses(model, data, config.eval_blocks, config.micro_batch, env.device)})
+                    "flops_per_token": flops_token, "peak_rss_mb_after_build": rss_after_build,
+                    "built_online": bool(config.from_dense), "heldout_loss": heldout_losses(model, data, config.eval_blocks, config.micro_batch, env.device)})
     result = TrainResult(out, start_step, is_main=env.is_main)
     end_step = steps if stop_after_steps is None else min(steps, start_step + stop_after_steps)
     bar = tqdm(total=steps, initial=start_step, desc="train", unit="step", disable=not (progress and env.is_main), file=sys.stderr)
     last_checkpoint = complete_checkpoints(out)[-1] if config.resume else None
+    if stop_after_steps == 0 and start_step == 0:  # the initial weights, checkpointed (e.g. to compare builds)
+        trainer_state = {"step": 0, "tokens": 0, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(), "identity": identity}
+        save_checkpoint(out, 0, model, optimizer, trainer_state, env, config.keep_checkpoints)
     for step in range(start_step + 1, end_step + 1):
         started = time.perf_counter()
         record = _train_step(model, blocks, optimizer, sampler, data, config, env, accum)
@@ -117,7 +144,8 @@ def train(config: TrainConfig, progress: bool = True, stop_after_steps: int | No
         step_tokens = config.batch_size * data.seq_len
         tokens_seen += step_tokens
         record.update(step=step, tokens=tokens_seen, lr=lr, tokens_per_s=step_tokens / elapsed,
-                      mfu=step_tokens * flops_token / elapsed / peak if peak else None, domain_weights=sampler.weights)
+                      mfu=step_tokens * flops_token / elapsed / peak if peak else None, domain_weights=sampler.weights,
+                      peak_rss_mb=gather_to_list(round(peak_rss_mb(), 1), env))
         if (config.eval_every and step % config.eval_every == 0) or step == steps:
             record["heldout_loss"] = heldout_losses(model, data, config.eval_blocks, config.micro_batch, env.device)
             result.heldout = record["heldout_loss"]
@@ -138,9 +166,9 @@ def train(config: TrainConfig, progress: bool = True, stop_after_steps: int | No
     logger.close()
     result.finished = result.steps == steps
     if result.finished and config.export:
-        training = {"steps": steps, "tokens": tokens_seen, "config": asdict(config), "heldout_loss": result.heldout}
+        manifest["training"] = {"steps": steps, "tokens": tokens_seen, "config": asdict(config), "heldout_loss": result.heldout}
         try:
-            result.model_dir = export_stock(model, model_config, model_dir, out / "model", env, training)
+            result.model_dir = export_stock(model, model_config, model_dir, out / "model", env, manifest)
         except MoeifyError as error:
             print(f"moeify: not exported: {error}; the resumable checkpoint is in {out / 'checkpoints'}", file=sys.stderr)
     return result
@@ -247,10 +275,11 @@ def _prepare_out_dir(out: Path, config: TrainConfig, env: DistEnv) -> None:
     barrier(env)
 
 
-def _identity(model_dir: Path, data: PackedDataset, config: TrainConfig, env: DistEnv) -> dict:
+def _identity(model_config, data: PackedDataset, config: TrainConfig, env: DistEnv) -> dict:
     """What must match for a checkpoint to be resumed."""
+    described = {k: v for k, v in model_config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
     return {
-        "model_config_sha256": hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest(),
+        "model_config_sha256": hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest(),
         "data": data.meta["fingerprint"],
         "batch_size": config.batch_size,
         "world_size": env.world_size,

@@ -1,6 +1,7 @@
 """Throughput accounting and metric sinks (JSONL always, TensorBoard when installed)."""
 
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -49,6 +50,11 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> tuple[flo
                 return tflops * 1e12, f"{name} dense bf16 datasheet peak"
         return 0.0, f"unknown GPU {name}: set --peak-tflops"
     return measured_matmul_flops(), "measured fp32 matmul rate of this CPU (1024^3, best of 3)"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MiB (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measured_matmul_flops(size: int = 1024) -> float:

@@ -1,0 +1,107 @@
+"""Online upcycling: the MoE built inside the (distributed) job equals the offline build."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from transformers import AutoConfig
+
+from moeify.errors import MoeifyError
+from moeify.modeling.hf import stock_state_dict
+from moeify.train.loop import train
+from tests.conftest import train_config
+from tests.test_distributed import run_group
+
+# The tiny_moe fixture: random-split of the tiny Llama, 4 experts, top-2, router std 0.1, seed 0.
+ONLINE = dict(method="random-split", experts=4, top_k=2, router_std=0.1)
+ONLINE_FLAGS = ["--method", "random-split", "--experts", "4", "--top-k", "2", "--router-std", "0.1"]
+
+
+def _initial_weights(run: Path, moe_config) -> dict[str, torch.Tensor]:
+    """Model tensors of the step-0 checkpoint (merged over ranks), under the stock on-disk names."""
+    merged = run / "merged.pt"
+    dcp_to_torch_save(run / "checkpoints" / "step-000000" / "dcp", merged)
+    state = torch.load(merged)["model"]
+    return stock_state_dict({k: v for k, v in state.items() if "selection_bias" not in k}, moe_config)
+
+
+def _assert_same_as_offline(weights: dict, tiny_moe: Path) -> None:
+    offline = load_file(str(tiny_moe / "model.safetensors"))
+    assert sorted(weights) == sorted(offline)
+    for name in offline:
+        assert torch.equal(weights[name], offline[name]), name
+
+
+def test_one_process_online_build_equals_offline_build(tiny_models, tiny_moe, tiny_data, tmp_path):
+    config = train_config(tiny_moe, tiny_data, tmp_path / "run", from_dense=str(tiny_models["llama"]), **ONLINE)
+    train(config, progress=False, stop_after_steps=0)
+    _assert_same_as_offline(_initial_weights(tmp_path / "run", AutoConfig.from_pretrained(tiny_moe)), tiny_moe)
+
+
+def _torchrun(out: Path, tiny_data: Path, *flags: str, check: bool = True) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "moeify", "train",
+               "--data", str(tiny_data), "--out", str(out), "--batch-size", "8", "--micro-batch", "2", "--max-tokens", str(8 * 32 * 4),
+               "--lr", "3e-3", "--warmup-steps", "2", "--eval-blocks", "4", "--no-export", *flags]
+    result = run_group(command, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _metrics(out: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_rank_online_build_equals_offline_then_trains_identically(tiny_models, tiny_moe, tiny_data, tmp_path):
+    dense = str(tiny_models["llama"])
+    _torchrun(tmp_path / "init", tiny_data, "--from-dense", dense, *ONLINE_FLAGS, "--stop-after-steps", "0")
+    shards = sorted(p.name for p in (tmp_path / "init" / "checkpoints" / "step-000000" / "dcp").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]
+    _assert_same_as_offline(_initial_weights(tmp_path / "init", AutoConfig.from_pretrained(tiny_moe)), tiny_moe)
+
+    _torchrun(tmp_path / "online", tiny_data, "--from-dense", dense, *ONLINE_FLAGS)
+    _torchrun(tmp_path / "offline", tiny_data, "--model", str(tiny_moe))
+    online, offline = _metrics(tmp_path / "online"), _metrics(tmp_path / "offline")
+    assert [r["loss"] for r in online[1:]] == pytest.approx([r["loss"] for r in offline[1:]], abs=1e-6)
+    assert online[0]["built_online"] and len(online[0]["peak_rss_mb_after_build"]) == 2  # one figure per rank
+    assert all(mb > 0 for mb in online[-1]["peak_rss_mb"])
+
+
+def test_experts_not_divisible_by_ranks(tiny_models, tiny_data, tmp_path):
+    result = _torchrun(tmp_path / "run", tiny_data, "--from-dense", str(tiny_models["llama"]), "--method", "random-split",
+                       "--experts", "3", "--top-k", "1", check=False)
+    assert result.returncode != 0
+    assert "moeify: error: --experts 3 cannot be split evenly over 2 ranks" in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before any training step
+
+
+def test_different_seeds_on_different_ranks(tiny_models, tiny_data, tmp_path):
+    processes = []
+    for rank, seed in ((0, "1"), (1, "2")):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": "29617"}
+        command = [sys.executable, "-m", "moeify", "train", "--from-dense", str(tiny_models["llama"]), "--data", str(tiny_data),
+                   "--out", str(tmp_path / "run"), "--batch-size", "8", "--micro-batch", "2", "--max-tokens", "1024", "--seed", seed]
+        processes.append(subprocess.Popen(command, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True))
+    outputs = [p.communicate(timeout=180)[1] for p in processes]
+    assert all(p.returncode == 2 for p in processes), outputs
+    assert all("ranks disagree on the construction settings" in out for out in outputs)
+
+
+def test_dense_checkpoint_missing_tensors(tiny_models, tiny_data, tmp_path):
+    broken = tmp_path / "dense"
+    shutil.copytree(tiny_models["llama"], broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(MoeifyError, match="lacks model.layers.1.mlp.up_proj.weight"):
+        train(train_config(tiny_models["llama"], tiny_data, tmp_path / "run", from_dense=str(broken), **ONLINE), progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
