@@ -48,8 +48,9 @@ def main() -> None:
           f"import + data floor: {floor:.0f} MiB")
     for ranks, per_rank in results["ranks"].items():
         above = [mb - floor for mb in per_rank]
-        print(f"{ranks} rank(s): peak RSS after construction per rank {per_rank} MiB; above the floor {[round(a) for a in above]} MiB "
-              f"= {[f'{a / results['full_moe_mb']:.2f}' for a in above]} of the full MoE")
+        shares = ", ".join(f"{a / results['full_moe_mb']:.2f}" for a in above)
+        print(f"{ranks} rank(s): peak RSS after construction per rank {per_rank} MiB; above the floor "
+              f"{[round(a) for a in above]} MiB = {shares} of the full MoE")
     path = Path(__file__).parent / "results" / "online_memory.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")

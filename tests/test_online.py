@@ -38,10 +38,14 @@ def _assert_same_as_offline(weights: dict, tiny_moe: Path) -> None:
         assert torch.equal(weights[name], offline[name]), name
 
 
-def test_one_process_online_build_equals_offline_build(tiny_models, tiny_moe, tiny_data, tmp_path):
-    config = train_config(tiny_moe, tiny_data, tmp_path / "run", from_dense=str(tiny_models["llama"]), **ONLINE)
+@pytest.mark.parametrize("family", ["llama", "llama-tied"])
+def test_one_process_online_build_equals_offline_build(family, tiny_models, tiny_data, tmp_path):
+    from moeify.build import BuildConfig, build
+
+    offline = build(BuildConfig(str(tiny_models[family]), tmp_path / "offline", "random-split", 4, 2, router_std=0.1), progress=False)
+    config = train_config(offline, tiny_data, tmp_path / "run", from_dense=str(tiny_models[family]), **ONLINE)
     train(config, progress=False, stop_after_steps=0)
-    _assert_same_as_offline(_initial_weights(tmp_path / "run", AutoConfig.from_pretrained(tiny_moe)), tiny_moe)
+    _assert_same_as_offline(_initial_weights(tmp_path / "run", AutoConfig.from_pretrained(offline)), offline)
 
 
 def _torchrun(out: Path, tiny_data: Path, *flags: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -1,7 +1,6 @@
 """Read a dense gated-MLP decoder checkpoint lazily, tensor by tensor, from safetensors files."""
 
 import json
-from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -35,6 +34,8 @@ class DenseCheckpoint:
                 f"families {', '.join(SUPPORTED_FAMILIES)}"
             )
         self._file_of = self._tensor_files()
+        for file in self.files():
+            self._open(file)  # every weight file present with a readable header, before any work starts
         self._check_gated_mlp()
 
     def _tensor_files(self) -> dict[str, Path]:
@@ -64,11 +65,9 @@ class DenseCheckpoint:
         if getattr(self.config, "mlp_bias", False):
             raise MoeifyError(f"{self.path}: the MLP has biases (mlp_bias=true), which no stock MoE format holds")
 
-    @cached_property
-    def _handles(self) -> dict[Path, object]:
-        return {file: self._open(file) for file in sorted(set(self._file_of.values()))}
-
     def _open(self, file: Path):
+        """A fresh handle per read: the file is memory-mapped only while one tensor is copied out, so
+        pages of the dense model never accumulate in this process's resident memory."""
         if not file.is_file():
             raise MoeifyError(f"missing weight file {file}; re-download or re-convert the model")
         try:
@@ -85,9 +84,8 @@ class DenseCheckpoint:
     def get(self, name: str) -> torch.Tensor:
         if name not in self._file_of:
             raise MoeifyError(f"{self.path} has no tensor {name!r}; the checkpoint is incomplete")
-        handle = self._handles[self._file_of[name]]
         try:
-            return handle.get_tensor(name)
+            return self._open(self._file_of[name]).get_tensor(name)
         except (SafetensorError, OSError) as error:
             raise MoeifyError(f"cannot read tensor {name} from {self._file_of[name]}: {error}; re-download it") from None
 
@@ -96,7 +94,7 @@ class DenseCheckpoint:
         if name not in self._file_of:
             raise MoeifyError(f"{self.path} has no tensor {name!r}; the checkpoint is incomplete")
         try:
-            return self._handles[self._file_of[name]].get_slice(name)[start:stop]
+            return self._open(self._file_of[name]).get_slice(name)[start:stop]
         except (SafetensorError, OSError) as error:
             raise MoeifyError(f"cannot read tensor {name} from {self._file_of[name]}: {error}; re-download it") from None
 
@@ -104,7 +102,7 @@ class DenseCheckpoint:
         return [name for name in names if name not in self._file_of]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._file_of[name]].get_slice(name).get_shape())
+        return tuple(self._open(self._file_of[name]).get_slice(name).get_shape())
 
     def dtype(self) -> torch.dtype:
         return self.get("model.layers.0.mlp.gate_proj.weight").dtype

@@ -75,18 +75,19 @@ def train(config: TrainConfig, progress: bool = True, stop_after_steps: int | No
         spec = OnlineSpec(config.method, config.experts, config.top_k, config.seed, config.router_std, config.scale)
         model, blocks = build_online(dense, spec, env, config.parallel, config.dispatch, config.noisy_gate,
                                      config.capacity_factor, before_sharding)
+        model_config = model.config
         method = get_method(config.method)
         manifest = spec.manifest(dense, config.from_dense, method.expert_size(dense.ffn_size, config.experts),
                                  method.default_scale(config.experts, config.top_k) if config.scale is None else config.scale,
-                                 model.config.architectures[0])
+                                 model_config.architectures[0])
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(env.device)
         blocks = attach_moe_blocks(model, config.dispatch, config.noisy_gate, config.capacity_factor)
         before_sharding(model, blocks)
+        model_config = model.config
         model = wrap_model(model, env, config.parallel)
         manifest = json.loads((model_dir / MANIFEST).read_text()) if (model_dir / MANIFEST).is_file() else {}
     rss_after_build = gather_to_list(round(peak_rss_mb(), 1), env)  # per rank
-    model_config = model.config
     if data.meta["tokenizer"]["vocab_size"] > model_config.vocab_size:
         raise MoeifyError(f"the data's vocabulary is larger than {model_dir}'s embedding table; prepare the data with this model")
     flops_token = flops["per_token"]

@@ -82,6 +82,8 @@ def build_online(dense: DenseCheckpoint, spec: OnlineSpec, env: DistEnv, paralle
     before_sharding(model, blocks)
     model = wrap_model(model, env, parallel)
     model.to_empty(device=env.device)
+    if not env.distributed:
+        model.tie_weights()  # to_empty on an unsharded model unties shared parameters (FSDP2 keeps them)
     scale = method.default_scale(E, spec.top_k) if spec.scale is None else spec.scale
     _fill_parameters(model, dense, spec, method, scale, env)
     with torch.no_grad():
