@@ -71,6 +71,28 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", type=Path, default=None, help="output directory (default: cache)")
     prep.add_argument("--seq-len", type=int, default=512)
 
+    evaluate = commands.add_parser("eval", help="per-domain loss, perplexity, bits per byte and routing of models side by side")
+    evaluate.add_argument("models", nargs="+", help="models (directories, runs, .gguf, embedded names); the first is the baseline")
+    evaluate.add_argument("--source", action="append", default=[], metavar="DOMAIN=PATH",
+                          help="evaluation text per domain (default: the embedded corpus's held-out documents)")
+    evaluate.add_argument("--out", type=Path, default=Path("moeify-eval"), help="where eval.json/csv and plots go")
+    evaluate.add_argument("--seq-len", type=int, default=512)
+    evaluate.add_argument("--max-tokens", type=int, default=8192, help="predicted tokens per domain and model")
+    evaluate.add_argument("--force", action="store_true", help="replace --out if it exists")
+    evaluate.add_argument("--lm-eval", default=None, metavar="TASKS", help="also run lm-evaluation-harness tasks (comma-separated)")
+    evaluate.add_argument("--lm-eval-include", type=Path, default=None, help="folder of extra lm-eval task YAMLs")
+    evaluate.add_argument("--lm-eval-limit", type=int, default=None, help="examples per task")
+
+    report = commands.add_parser("report", help="HTML report of a training run (and its evaluations)")
+    report.add_argument("run", type=Path, help="a `moeify train` --out directory")
+    report.add_argument("--eval", type=Path, action="append", default=None, help="eval output folder(s) to include")
+
+    gen = commands.add_parser("generate", help="greedy completion of a prompt")
+    gen.add_argument("model")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=40)
+    gen.add_argument("--no-chat", action="store_true", help="ignore the tokenizer's chat template")
+
     from moeify.train.config import TrainConfig
 
     train = commands.add_parser("train", help="continual pre-training (run under torchrun for several ranks)")
@@ -118,6 +140,28 @@ def _run(args: argparse.Namespace) -> None:
             info = dataset.meta["domains"][domain]
             print(f"{domain:<16} {info['documents']:>7} docs {info['train_tokens']:>11} train tokens {info['val_tokens']:>9} held-out")
         print(f"wrote {dataset.path}")
+    elif args.command == "eval":
+        from moeify.evaluate.lm_eval_bridge import run_lm_eval
+        from moeify.evaluate.run import EvalConfig, evaluate, format_report
+
+        report = evaluate(EvalConfig(args.models, args.out, args.source, args.seq_len, args.max_tokens, force=args.force))
+        print(format_report(report))
+        if args.lm_eval:
+            tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+            scores = {m: run_lm_eval(m, tasks, args.lm_eval_include, args.lm_eval_limit) for m in args.models}
+            (args.out / "lm_eval.json").write_text(json.dumps(scores, indent=2) + "\n")
+            for model, tasks_scores in scores.items():
+                for task, metrics in tasks_scores.items():
+                    print(f"lm-eval {task:<20} {model}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        print(f"wrote {args.out}")
+    elif args.command == "report":
+        from moeify.evaluate.report import build_report
+
+        print(f"wrote {build_report(args.run, args.eval)}")
+    elif args.command == "generate":
+        from moeify.evaluate.generate import generate
+
+        print(generate(args.model, args.prompt, args.max_new_tokens, chat=not args.no_chat))
     elif args.command == "train":
         import dataclasses
 

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from moeify.build import BuildConfig, build
 from moeify.checkpoint.resolve import DEFAULT_MODEL, cache_dir, resolve_model
 from moeify.data.embedded import heldout_text
+from moeify.evaluate.generate import greedy, prompt_ids
 from moeify.evaluate.params import parameter_counts
 from moeify.evaluate.perplexity import blocks_of, score_blocks
 
@@ -58,7 +59,7 @@ def quickstart(config: QuickstartConfig) -> list[Row]:
     tokenizer = AutoTokenizer.from_pretrained(dense_dir)
     blocks = blocks_of(tokenizer(heldout_text())["input_ids"], config.block_size, config.eval_tokens)
     _log(f"held-out text: {blocks.numel()} tokens of Python's help topics, {blocks.shape[0]} blocks of {config.block_size}")
-    prompt_ids = _prompt_ids(tokenizer, config.prompt)
+    prompt = prompt_ids(tokenizer, config.prompt)
 
     builds = {
         "dense": dense_dir,
@@ -89,7 +90,7 @@ def quickstart(config: QuickstartConfig) -> list[Row]:
         diff = None if dense_logits is None else (scores.logits - dense_logits).abs().max().item()
         dense_logits = scores.logits if dense_logits is None else dense_logits
         total, active = parameter_counts(model)
-        completion = _greedy(model, tokenizer, prompt_ids, config.max_new_tokens)
+        completion = greedy(model, tokenizer, prompt, config.max_new_tokens)
         rows.append(Row(name, total, active, scores.perplexity, diff, completion, time.perf_counter() - start))
         del model
     return rows
@@ -109,23 +110,6 @@ def _continue_pretraining(config: QuickstartConfig, model_dir: Path) -> Path:
     result = train(train_config)
     assert result.model_dir is not None
     return result.model_dir
-
-
-def _prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
-    if tokenizer.chat_template:
-        messages = [{"role": "user", "content": prompt}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    return tokenizer(prompt, return_tensors="pt")["input_ids"]
-
-
-@torch.no_grad()
-def _greedy(model, tokenizer, prompt_ids: torch.Tensor, max_new_tokens: int) -> str:
-    out = model.generate(
-        prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=max_new_tokens,
-        do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-    )
-    return tokenizer.decode(out[0, prompt_ids.shape[1]:], skip_special_tokens=True).strip()
 
 
 def format_rows(rows: list[Row], prompt: str) -> str:

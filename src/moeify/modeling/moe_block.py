@@ -26,6 +26,7 @@ class MoEOutput:
     load_E: torch.Tensor  # assignments routed to each expert (before any drop)
     dropped: torch.Tensor  # assignments dropped by the capacity limit
     entropy: torch.Tensor  # mean router entropy
+    indices_TK: torch.Tensor  # chosen experts per token, best first (detached; for routing analysis)
 
 
 def capacity_keep_mask(indices_TK: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
@@ -82,4 +83,5 @@ class MoEBlock(nn.Module):
             load_E=expert_counts(routing.indices_TK, E),
             dropped=dropped,
             entropy=router_entropy(routing.logits_TE.detach()),
+            indices_TK=routing.indices_TK.detach(),
         )

@@ -1,0 +1,36 @@
+"""Loading any dense or MoE checkpoint (stock HF, moeify build output, a training run) for evaluation."""
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from moeify.checkpoint.resolve import resolve_model
+from moeify.errors import MoeifyError
+
+
+def resolve_eval_model(spec: str) -> Path:
+    """Like resolve_model, and a training run directory stands for its exported model."""
+    path = Path(spec).expanduser()
+    if path.is_dir() and not (path / "config.json").exists() and (path / "model" / "config.json").exists():
+        return path / "model"
+    return resolve_model(spec)
+
+
+def check_model(spec: str) -> Path:
+    """The model directory for `spec`, or a one-line error if it is not one."""
+    path = resolve_eval_model(spec)
+    if not (path / "config.json").is_file():
+        raise MoeifyError(f"{spec} is not a model: {path} has no config.json (give a model directory, a training run or a .gguf)")
+    return path
+
+
+def load_for_eval(spec: str, device: torch.device | str = "cpu"):
+    path = check_model(spec)
+    try:
+        AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    except (OSError, ValueError, KeyError) as error:
+        raise MoeifyError(f"cannot load {spec} as a causal LM with transformers: {str(error).strip().splitlines()[0]}") from None
+    return path, model, tokenizer

@@ -1,0 +1,70 @@
+"""`moeify report RUN_DIR`: one self-contained HTML page (PNGs embedded) from a run's metrics and evaluations."""
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from moeify.errors import MoeifyError
+from moeify.evaluate.plots import expert_share_heatmaps, line_plot
+from moeify.evaluate.run import EVAL_JSON, format_report
+
+REPORT = "report.html"
+
+
+def build_report(run_dir: Path, eval_dirs: list[Path] | None = None) -> Path:
+    metrics_file = run_dir / "metrics.jsonl"
+    if not metrics_file.is_file():
+        raise MoeifyError(f"{run_dir} has no metrics.jsonl; point `moeify report` at a `moeify train` run directory")
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    figures = run_dir / "report-figures"
+    sections: list[tuple[str, list[Path], str]] = []
+    steps = [r for r in records if r.get("step", 0) > 0 and "loss" in r]
+    if steps:
+        series = {"all": ([r["step"] for r in steps], [r["loss"] for r in steps])}
+        for domain in sorted({d for r in steps for d in r.get("domain_loss", {})}):
+            points = [(r["step"], r["domain_loss"][domain]) for r in steps if domain in r.get("domain_loss", {})]
+            series[domain] = ([p[0] for p in points], [p[1] for p in points])
+        plots = [line_plot(series, "training loss", "step", "loss (nats/token)", figures / "loss.png")]
+        evals = [r for r in records if "heldout_loss" in r]
+        if evals:
+            held = {d: ([r["step"] for r in evals], [r["heldout_loss"][d] for r in evals]) for d in evals[0]["heldout_loss"]}
+            plots.append(line_plot(held, "held-out loss per domain", "step", "loss (nats/token)", figures / "heldout.png"))
+        sections.append(("Loss", plots, ""))
+        weighted = [r for r in records if "domain_weights" in r]
+        weights = {d: ([r.get("step", 0) for r in weighted], [r["domain_weights"][d] for r in weighted]) for d in weighted[0]["domain_weights"]}
+        sections.append(("Domain weights", [line_plot(weights, "domain sampling weights", "step", "weight", figures / "weights.png")], ""))
+        if "expert_load" in steps[-1]:
+            first, last = steps[0], steps[-1]
+            loads = {f"step {first['step']}": first["expert_load"], f"step {last['step']}": last["expert_load"]}
+            extra = [line_plot({"router entropy": ([r["step"] for r in steps], [r["router_entropy"] for r in steps])},
+                               "mean router entropy", "step", "nats", figures / "entropy.png")]
+            sections.append(("Expert load", [expert_share_heatmaps(loads, "training batch: share of each expert", figures / "load.png"), *extra],
+                             f"dropped tokens in the last step: {last.get('dropped_tokens', 0)}"))
+    for eval_dir in eval_dirs if eval_dirs is not None else sorted(run_dir.glob("eval*")):
+        if (eval_dir / EVAL_JSON).is_file():
+            report = json.loads((eval_dir / EVAL_JSON).read_text())
+            sections.append((f"Evaluation: {eval_dir.name}", sorted(eval_dir.glob("*.png")), format_report(report)))
+    if not sections:
+        raise MoeifyError(f"{run_dir}/metrics.jsonl has no training steps and there is no evaluation to report")
+    out = run_dir / REPORT
+    out.write_text(_html(run_dir, records, sections))
+    return out
+
+
+def _html(run_dir: Path, records: list[dict], sections: list[tuple[str, list[Path], str]]) -> str:
+    config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
+    last = next((r for r in reversed(records) if "loss" in r), {})
+    parts = [f"<h1>moeify run: {html.escape(run_dir.name)}</h1>",
+             f"<p>steps: {last.get('step', 0)}, tokens: {last.get('tokens', 0):,}, final loss: {last.get('loss', float('nan')):.4f}</p>"]
+    for title, images, text in sections:
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+        if text:
+            parts.append(f"<pre>{html.escape(text)}</pre>")
+        for image in images:
+            data = base64.b64encode(image.read_bytes()).decode()
+            parts.append(f'<img alt="{html.escape(image.stem)}" src="data:image/png;base64,{data}">')
+    if config:
+        parts.append(f"<h2>Configuration</h2><pre>{html.escape(config)}</pre>")
+    style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}img{max-width:100%;display:block;margin:1em 0}pre{background:#f4f4f4;padding:1em;overflow-x:auto}"
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>moeify report</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n"
