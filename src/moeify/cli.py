@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="per-domain loss, perplexity, bits per byte and routing of models side by side")
     evaluate.add_argument("models", nargs="+", help="models (directories, runs, .gguf, embedded names); the first is the baseline")
-    evaluate.add_argument("--source", action="append", default=[], metavar="DOMAIN=PATH",
+    evaluate.add_argument("--source", "--data", dest="source", action="append", default=[], metavar="DOMAIN=PATH",
                           help="evaluation text per domain (default: the embedded corpus's held-out documents)")
     evaluate.add_argument("--out", type=Path, default=Path("moeify-eval"), help="where eval.json/csv and plots go")
     evaluate.add_argument("--seq-len", type=int, default=512)
