@@ -99,6 +99,7 @@ def batched_mm_bytes(tokens: int, hidden: int, expert_size: int, top_k: int) -> 
 
 def train_step(block, x, grad):
     def run():
+        block.train()
         block.zero_grad(set_to_none=True)
         xi = x.detach().requires_grad_(True)
         _output(block, xi).backward(grad)
@@ -107,6 +108,7 @@ def train_step(block, x, grad):
 
 def forward_only(block, x):
     def run():
+        block.eval()
         with torch.no_grad():
             _output(block, x)
     return run

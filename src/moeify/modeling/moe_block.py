@@ -75,11 +75,16 @@ class MoEBlock(nn.Module):
             keep_TK = capacity_keep_mask(routing.indices_TK, E, capacity)
         y_TD = self.experts(x_TD, routing.indices_TK, routing.weights_TK, keep_TK)
         dropped = torch.zeros((), dtype=torch.long) if keep_TK is None else (~keep_TK).sum()
+        if self.training:
+            losses = (switch_aux_loss(routing.logits_TE, routing.indices_TK),
+                      cv_squared_balance_loss(routing.weights_TK, routing.indices_TK, E), router_z_loss(routing.logits_TE))
+        else:  # inference: the losses are not needed, and at a few tokens their small ops cost as much as the experts
+            losses = (torch.zeros(()),) * 3
         return MoEOutput(
             hidden=y_TD.view_as(x_BSD),
-            switch_loss=switch_aux_loss(routing.logits_TE, routing.indices_TK),
-            cv2_loss=cv_squared_balance_loss(routing.weights_TK, routing.indices_TK, E),
-            z_loss=router_z_loss(routing.logits_TE),
+            switch_loss=losses[0],
+            cv2_loss=losses[1],
+            z_loss=losses[2],
             load_E=expert_counts(routing.indices_TK, E),
             dropped=dropped,
             entropy=router_entropy(routing.logits_TE.detach()),
