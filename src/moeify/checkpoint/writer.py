@@ -1,13 +1,36 @@
 """Write a model tensor by tensor into safetensors shards, holding at most one shard in memory."""
 
 import json
-import os
+import struct
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 DEFAULT_SHARD_BYTES = 1 << 30
+_DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """The safetensors format (u64 header length, JSON header, raw little-endian bytes), written
+    straight from each tensor's memory: no intermediate copy, and one tensor may appear under
+    several names (upcycled experts are the same dense FFN written E times)."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for tensor in tensors.values():
+            if tensor.numel():
+                f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
 class ShardedWriter:
@@ -24,12 +47,12 @@ class ShardedWriter:
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.max_shard_bytes:
             self._flush()
-        self._pending[name] = tensor.contiguous()
+        self._pending[name] = tensor
         self._pending_bytes += size
         self.total_bytes += size
 
     def _flush(self) -> None:
-        save_file(self._pending, str(self._shard_path(len(self._shard_keys))), metadata={"format": "pt"})
+        write_safetensors(self._shard_path(len(self._shard_keys)), self._pending, {"format": "pt"})
         self._shard_keys.append(list(self._pending))
         self._pending, self._pending_bytes = {}, 0
 
@@ -48,7 +71,6 @@ class ShardedWriter:
         weight_map = {}
         for index, path in enumerate(final):
             self._shard_path(index).rename(path)
-            os.chmod(path, 0o644)  # safetensors creates files owner-only
             weight_map.update({key: path.name for key in self._shard_keys[index]})
         if count > 1:
             index_doc = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}

@@ -6,7 +6,12 @@ from moeify.construct.seeding import ROUTER_STREAM, layer_generator
 def expert_weights(
     gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tensor, neurons: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One expert's (gate, up, down) from the dense FFN; the output scale is folded into down."""
+    """One expert's (gate, up, down) from the dense FFN; the output scale is folded into down.
+
+    An expert that holds every neuron in order with scale 1 (upcycling) is the dense FFN itself:
+    the tensors are returned as they are, not copied."""
+    if scale == 1.0 and neurons.numel() == gate_FD.shape[0] and torch.equal(neurons, torch.arange(gate_FD.shape[0])):
+        return gate_FD, up_FD, down_DF
     down = down_DF[:, neurons]
     if scale != 1.0:
         down = down * scale
