@@ -58,7 +58,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="moeify-convert-", dir=args.workdir))
     try:
         dense_bytes = write_dense(root / "dense")
-        D, F, L = CONFIG["hidden_size"], CONFIG["intermediate_size"], CONFIG["num_hidden_layers"]
+        D, F = CONFIG["hidden_size"], CONFIG["intermediate_size"]
         layer_experts_bytes = EXPERTS * 3 * D * F * 2
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "moeify", "build", "--model", str(root / "dense"), "--method", "upcycle",

@@ -58,7 +58,6 @@ def prepare(config: PrepareConfig, progress: bool = True) -> PackedDataset:
 
     model_dir = resolve_model(config.model)
     sources = [Source.parse(spec) for spec in config.sources]
-    domains = [s.domain for s in sources]
     key = {
         "format": FORMAT_VERSION,
         "tokenizer": tokenizer_fingerprint(model_dir),
