@@ -192,9 +192,12 @@ def _train_step(model, blocks: list[MoEFeedForward], optimizer, sampler, data: P
         if blocks:
             balance, z_loss = _router_losses(blocks, config.balance_loss)
             loss = loss + config.balance_coef * balance + config.z_loss_coef * z_loss
-            moe_stats += torch.tensor([balance.item(), z_loss.item(), sum(b.last.dropped.item() for b in blocks),
-                                       sum(b.last.entropy.item() for b in blocks) / len(blocks)], dtype=torch.float64)
-            load += torch.stack([b.last.load_E.double().cpu() for b in blocks])
+            # Gathered on the device and moved in one transfer: one host sync per micro-step, not per layer.
+            step_stats = torch.stack([balance.detach().float(), z_loss.detach().float(),
+                                      torch.stack([b.last.dropped for b in blocks]).sum().float(),
+                                      torch.stack([b.last.entropy for b in blocks]).float().mean()])
+            moe_stats += step_stats.double().cpu()
+            load += torch.stack([b.last.load_E for b in blocks]).double().cpu()
         (loss / accum).backward()
         for (domain, _), value in zip(mine, seq_loss.detach().double().cpu()):
             domain_stats[domains.index(domain)] += torch.stack([value, torch.ones((), dtype=torch.float64)])
