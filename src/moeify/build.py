@@ -17,7 +17,7 @@ from moeify.checkpoint.dense import DenseCheckpoint, is_ffn_tensor
 from moeify.checkpoint.formats import architecture_for
 from moeify.checkpoint.resolve import resolve_model
 from moeify.checkpoint.writer import DEFAULT_SHARD_BYTES, ShardedWriter
-from moeify.construct import expert_weights, get_method, init_router
+from moeify.construct import ConstructionMethod, expert_weights, get_method, init_router
 from moeify.errors import MoeifyError
 
 MANIFEST = "moeify.json"
@@ -102,24 +102,31 @@ def build(config: BuildConfig, progress: bool = True) -> Path:
         for file in sorted(dense.path.iterdir()):
             if file.is_file() and CARRIED_FILES.match(file.name):
                 shutil.copyfile(file, tmp / file.name)
-        manifest = {
-            "moeify_version": moeify.__version__,
-            "torch_version": torch.__version__.split("+")[0],
-            "source_model": config.model,
-            "source_path": str(dense.path),
-            "source_sha256": weights_digest(dense.files()),
-            "source_family": dense.family,
-            "architecture": arch.architecture,
-            "method": method.name,
-            "num_experts": E,
-            "top_k": k,
-            "expert_size": expert_size,
-            "scale": scale,
-            "seed": config.seed,
-            "router_std": config.router_std,
-        }
+        manifest = construction_manifest(dense, config.model, arch.architecture, method, E, k, config.seed,
+                                         config.router_std, config.scale)
+        manifest["source_sha256"] = weights_digest(dense.files())
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
+
+
+def construction_manifest(dense: DenseCheckpoint, source: str, architecture: str, method: ConstructionMethod,
+                          num_experts: int, top_k: int, seed: int, router_std: float, scale: float | None) -> dict:
+    """What moeify.json records about how an MoE was made (by `build` and by online upcycling)."""
+    return {
+        "moeify_version": moeify.__version__,
+        "torch_version": torch.__version__.split("+")[0],
+        "source_model": source,
+        "source_path": str(dense.path),
+        "source_family": dense.family,
+        "architecture": architecture,
+        "method": method.name,
+        "num_experts": num_experts,
+        "top_k": top_k,
+        "expert_size": method.expert_size(dense.ffn_size, num_experts),
+        "scale": method.default_scale(num_experts, top_k) if scale is None else scale,
+        "seed": seed,
+        "router_std": router_std,
+    }
 
 
 def weights_digest(files: list[Path]) -> str:

@@ -14,7 +14,7 @@ import yaml
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-from moeify.build import MANIFEST
+from moeify.build import MANIFEST, construction_manifest
 from moeify.checkpoint.dense import DenseCheckpoint
 from moeify.checkpoint.resolve import resolve_model
 from moeify.construct import get_method
@@ -76,10 +76,9 @@ def train(config: TrainConfig, progress: bool = True, stop_after_steps: int | No
         model, blocks = build_online(dense, spec, env, config.parallel, config.dispatch, config.noisy_gate,
                                      config.capacity_factor, before_sharding)
         model_config = model.config
-        method = get_method(config.method)
-        manifest = spec.manifest(dense, config.from_dense, method.expert_size(dense.ffn_size, config.experts),
-                                 method.default_scale(config.experts, config.top_k) if config.scale is None else config.scale,
-                                 model_config.architectures[0])
+        manifest = construction_manifest(dense, config.from_dense, model_config.architectures[0], get_method(config.method),
+                                         config.experts, config.top_k, config.seed, config.router_std, config.scale)
+        manifest["built_online"] = True
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(env.device)
         blocks = attach_moe_blocks(model, config.dispatch, config.noisy_gate, config.capacity_factor)

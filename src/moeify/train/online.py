@@ -32,13 +32,6 @@ class OnlineSpec:
     router_std: float
     scale: float | None
 
-    def manifest(self, dense: DenseCheckpoint, source: str, expert_size: int, scale: float, architecture: str) -> dict:
-        """The same fields `moeify build` writes to moeify.json (no weight hash: nothing was read whole)."""
-        return {"source_model": source, "source_path": str(dense.path), "source_family": dense.family,
-                "architecture": architecture, "method": self.method, "num_experts": self.num_experts, "top_k": self.top_k,
-                "expert_size": expert_size, "scale": scale, "seed": self.seed, "router_std": self.router_std,
-                "built_online": True}
-
 
 def check_online(dense: DenseCheckpoint, spec: OnlineSpec, env: DistEnv, parallel: str) -> None:
     """Every check that can fail, before any weight is allocated or any training step runs."""
