@@ -41,7 +41,7 @@ def main() -> None:
     dense = resolve_model("smollm2-135m")
     moe = cache_dir() / "bench" / "smollm2-upcycle-8x2"
     if not (moe / "config.json").exists():
-        build(BuildConfig("smollm2-135m", moe, "upcycle", 8, 2, force=True))
+        build(BuildConfig(model="smollm2-135m", out=moe, method="upcycle", num_experts=8, top_k=2, force=True))
     data = prepare(PrepareConfig("smollm2-135m", seq_len=args.seq_len), progress=False).path
     results = {name: measure(path, data, args.steps, args.batch, args.seq_len) for name, path in [("dense", dense), ("upcycle-8x2", moe)]}
     slowdown = results["dense"]["tokens_per_s"] / results["upcycle-8x2"]["tokens_per_s"]

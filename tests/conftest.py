@@ -74,7 +74,7 @@ def tiny_moe(tiny_models, tmp_path_factory) -> Path:
     from moeify.build import BuildConfig, build
 
     out = tmp_path_factory.mktemp("moe") / "llama-moe"
-    return build(BuildConfig(str(tiny_models["llama"]), out, "random-split", 4, 2, router_std=0.1), progress=False)
+    return build(BuildConfig(model=str(tiny_models["llama"]), out=out, method="random-split", num_experts=4, top_k=2, router_std=0.1), progress=False)
 
 
 @pytest.fixture(scope="session")

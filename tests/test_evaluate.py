@@ -63,7 +63,7 @@ def test_bits_per_byte_compares_models_with_different_tokenizers(tiny_models, te
 
 def test_routing_statistics_of_a_hand_set_router(tiny_models, text_source, tmp_path):
     # A zero router with k = E: every token picks every expert, router entropy is ln E.
-    moe = build(BuildConfig(str(tiny_models["llama"]), tmp_path / "moe", "random-split", 4, 4, router_std=0.0, scale=4.0), progress=False)
+    moe = build(BuildConfig(model=str(tiny_models["llama"]), out=tmp_path / "moe", method="random-split", num_experts=4, top_k=4, router_std=0.0, scale=4.0), progress=False)
     report = evaluate(EvalConfig([str(moe), str(moe)], tmp_path / "eval", [text_source]), progress=False)
     routing = report["models"][0]["routing"]["prose"]
     tokens = report["models"][0]["domains"]["prose"]["tokens"]

@@ -42,7 +42,7 @@ def _assert_same_as_offline(weights: dict, tiny_moe: Path) -> None:
 def test_one_process_online_build_equals_offline_build(family, tiny_models, tiny_data, tmp_path):
     from moeify.build import BuildConfig, build
 
-    offline = build(BuildConfig(str(tiny_models[family]), tmp_path / "offline", "random-split", 4, 2, router_std=0.1), progress=False)
+    offline = build(BuildConfig(model=str(tiny_models[family]), out=tmp_path / "offline", method="random-split", num_experts=4, top_k=2, router_std=0.1), progress=False)
     config = train_config(offline, tiny_data, tmp_path / "run", from_dense=str(tiny_models[family]), **ONLINE)
     train(config, progress=False, stop_after_steps=0)
     _assert_same_as_offline(_initial_weights(tmp_path / "run", AutoConfig.from_pretrained(offline)), offline)

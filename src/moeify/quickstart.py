@@ -64,11 +64,12 @@ def quickstart(config: QuickstartConfig) -> list[Row]:
     builds = {
         "dense": dense_dir,
         f"upcycle {config.num_experts}x top-{config.top_k}": BuildConfig(
-            config.model, config.work_dir / "upcycle", "upcycle", config.num_experts, config.top_k, seed=config.seed, force=True
+            model=config.model, out=config.work_dir / "upcycle", method="upcycle", num_experts=config.num_experts,
+            top_k=config.top_k, seed=config.seed, force=True,
         ),
         f"random-split {config.num_experts}/top-{config.top_k} s={config.split_scale:g}": BuildConfig(
-            config.model, config.work_dir / "random-split", "random-split", config.num_experts, config.top_k,
-            seed=config.seed, scale=config.split_scale, force=True,
+            model=config.model, out=config.work_dir / "random-split", method="random-split", num_experts=config.num_experts,
+            top_k=config.top_k, seed=config.seed, scale=config.split_scale, force=True,
         ),
     }
     split_name = list(builds)[-1]

@@ -1,4 +1,5 @@
-from moeify.construct.methods import METHODS, ConstructionMethod, get_method
-from moeify.construct.weights import expert_weights, init_router
+from moeify.construct.methods import ConstructionMethod, MethodOptions
+from moeify.construct.partition import Partition
+from moeify.construct.plan import METHODS, ConstructionPlan, expert_weights, get_method
 
-__all__ = ["METHODS", "ConstructionMethod", "expert_weights", "get_method", "init_router"]
+__all__ = ["METHODS", "ConstructionMethod", "ConstructionPlan", "MethodOptions", "Partition", "expert_weights", "get_method"]

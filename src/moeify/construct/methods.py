@@ -1,83 +1,211 @@
-"""Construction methods that need no calibration data: which dense FFN neurons each expert gets.
+"""Construction methods: which dense FFN neurons each expert gets, and how its copy is changed.
 
 "Neuron j" is row j of gate_proj and up_proj and column j of down_proj; they always move together.
+Methods that need neither data nor weights (the upcycling family, random splitting) compute one
+layer at a time (`layer_partition`), so any rank of a distributed job can build any layer alone;
+the others (clustering, co-activation, gradient importance: construct/splits.py) produce a whole
+Partition, which `moeify split` saves to a file.
 """
 
 from dataclasses import dataclass
 
 import torch
 
-from moeify.construct.seeding import PARTITION_STREAM, layer_generator
+from moeify.construct.seeding import PARTITION_STREAM, expert_generator, layer_generator
 from moeify.errors import MoeifyError
+from moeify.modeling.router import RouterSpec
 
 
-@dataclass(frozen=True)
+@dataclass
+class MethodOptions:
+    method: str = "upcycle"
+    """upcycle | random-split | clustering | co-activation | sharing-inner | sharing-inter | gradient-greedy
+    | granular-upcycle | drop-upcycle | noise-upcycle."""
+    num_experts: int = 8
+    seed: int = 0
+    expert_size: int | None = None
+    """Neurons per routed expert (sharing methods; default: what tiles the FFN)."""
+    shared_size: int | None = None
+    """Neurons of the always-active shared expert (random-split, sharing-inter)."""
+    granularity: int = 1
+    """granular-upcycle: slices G per copy of the FFN; experts = copies x G."""
+    drop_ratio: float = 0.5
+    """drop-upcycle: fraction of each expert's neurons re-initialised."""
+    noise_std: float = 0.01
+    """noise-upcycle: Gaussian noise, relative to each weight matrix's standard deviation."""
+    cluster_on: str = "up"
+    """clustering: the rows clustered, up or gate."""
+    restarts: int = 1
+    """clustering: k-means++ starts per layer (the best objective is kept)."""
+    calibration: str | None = None
+    """Calibration text: 'embedded' or DOMAIN=PATH[,DOMAIN=PATH...] (data-driven methods)."""
+    calibration_tokens: int = 16384
+    calibration_seq_len: int = 256
+    graph_density: float = 0.1
+    """co-activation: fraction of neuron pairs kept as graph edges (the strongest)."""
+
+
 class ConstructionMethod:
-    name: str
-    description: str
+    name: str = ""
+    description: str = ""
+    needs_calibration: bool = False
+    layerwise: bool = True  # computes each layer alone, from the options only
 
-    def expert_size(self, ffn_size: int, num_experts: int) -> int:
+    def check(self, ffn_size: int, options: MethodOptions) -> None:
+        """Raise MoeifyError if this method cannot make these experts from an FFN of ffn_size."""
+        if options.num_experts > ffn_size:
+            raise MoeifyError(f"--experts {options.num_experts} is larger than the FFN size {ffn_size}; use at most {ffn_size} experts")
+
+    def shared_size(self, ffn_size: int, options: MethodOptions) -> int:
+        return 0
+
+    def expert_size(self, ffn_size: int, options: MethodOptions) -> int:
         raise NotImplementedError
 
-    def default_scale(self, num_experts: int, top_k: int) -> float:
+    def default_scale(self, ffn_size: int, options: MethodOptions, top_k: int, router: RouterSpec) -> float:
+        """Expert output scale: routed neurons over the neurons k experts hold (E/k for an equal split)."""
+        return (ffn_size - self.shared_size(ffn_size, options)) / (top_k * self.expert_size(ffn_size, options))
+
+    def default_router_init(self) -> str:
+        return "normal"
+
+    def layer_partition(self, ffn_size: int, options: MethodOptions, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(experts [E, S], shared [S0]) neuron indices of one layer, rows sorted."""
         raise NotImplementedError
 
-    def neuron_groups(self, ffn_size: int, num_experts: int, layer: int, seed: int) -> list[torch.Tensor]:
-        """Sorted neuron indices for each expert of one layer."""
-        raise NotImplementedError
+    def perturb(self, weights: tuple[torch.Tensor, ...], options: MethodOptions, layer: int, expert: int) -> tuple[torch.Tensor, ...]:
+        """Change one expert's (gate, up, down) after copying; identity unless the method re-initialises."""
+        return weights
 
-    def check(self, ffn_size: int, num_experts: int) -> None:
-        """Raise MoeifyError if this method cannot split an FFN of ffn_size into num_experts."""
+
+def _divisors(n: int, limit: int = 64) -> list[int]:
+    return [e for e in range(2, min(n, limit) + 1) if n % e == 0]
 
 
 class Upcycle(ConstructionMethod):
-    def expert_size(self, ffn_size: int, num_experts: int) -> int:
+    name = "upcycle"
+    description = "copy the whole FFN into every expert (Llama 3 Meets MoE)"
+
+    def check(self, ffn_size: int, options: MethodOptions) -> None:
+        pass
+
+    def expert_size(self, ffn_size: int, options: MethodOptions) -> int:
         return ffn_size
 
-    def default_scale(self, num_experts: int, top_k: int) -> float:
+    def default_scale(self, ffn_size: int, options: MethodOptions, top_k: int, router: RouterSpec) -> float:
         # Mixing weights of the k chosen experts sum to 1 and every expert is the dense FFN.
         return 1.0
 
-    def neuron_groups(self, ffn_size: int, num_experts: int, layer: int, seed: int) -> list[torch.Tensor]:
-        return [torch.arange(ffn_size) for _ in range(num_experts)]
+    def layer_partition(self, ffn_size: int, options: MethodOptions, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.arange(ffn_size).expand(options.num_experts, -1), torch.zeros(0, dtype=torch.long)
+
+
+class DropUpcycle(Upcycle):
+    name = "drop-upcycle"
+    description = "upcycle, then re-initialise a fraction r of each expert's neurons (Drop-Upcycling)"
+
+    def check(self, ffn_size: int, options: MethodOptions) -> None:
+        if not 0 <= options.drop_ratio <= 1:
+            raise MoeifyError(f"--drop-ratio must be in [0, 1], got {options.drop_ratio}")
+
+    def perturb(self, weights: tuple[torch.Tensor, ...], options: MethodOptions, layer: int, expert: int) -> tuple[torch.Tensor, ...]:
+        gate, up, down = weights
+        count = round(options.drop_ratio * gate.shape[0])
+        if count == 0:
+            return weights
+        generator = expert_generator(options.seed, layer, expert)
+        dropped = torch.randperm(gate.shape[0], generator=generator)[:count]
+
+        def redraw(matrix: torch.Tensor, rows: bool) -> torch.Tensor:
+            # New neurons from a normal with the mean and std of the weight matrix they replace.
+            values = matrix.float()
+            shape = (count, matrix.shape[1]) if rows else (matrix.shape[0], count)
+            fresh = (torch.randn(shape, generator=generator) * values.std() + values.mean()).to(matrix.dtype)
+            out = matrix.clone()
+            if rows:
+                out[dropped] = fresh
+            else:
+                out[:, dropped] = fresh
+            return out
+
+        return redraw(gate, True), redraw(up, True), redraw(down, False)
+
+
+class NoiseUpcycle(Upcycle):
+    name = "noise-upcycle"
+    description = "upcycle, then add Gaussian noise (sigma x each matrix's std) to every copy"
+
+    def check(self, ffn_size: int, options: MethodOptions) -> None:
+        if options.noise_std < 0:
+            raise MoeifyError(f"--noise-std must be >= 0, got {options.noise_std}")
+
+    def perturb(self, weights: tuple[torch.Tensor, ...], options: MethodOptions, layer: int, expert: int) -> tuple[torch.Tensor, ...]:
+        if options.noise_std == 0:
+            return weights
+        generator = expert_generator(options.seed, layer, expert)
+        return tuple((w.float() + torch.randn(w.shape, generator=generator) * (options.noise_std * w.float().std())).to(w.dtype)
+                     for w in weights)
+
+
+class GranularUpcycle(ConstructionMethod):
+    name = "granular-upcycle"
+    description = "copies of the FFN cut into G slices each; virtual-group router init (He et al. 2024)"
+
+    def check(self, ffn_size: int, options: MethodOptions) -> None:
+        G, E = options.granularity, options.num_experts
+        if G < 1:
+            raise MoeifyError(f"--granularity must be at least 1, got {G}")
+        if ffn_size % G:
+            raise MoeifyError(f"FFN size {ffn_size} is not divisible by --granularity {G}; choose one of {_divisors(ffn_size)}")
+        if E % G:
+            raise MoeifyError(f"--experts {E} must be a multiple of --granularity {G} (experts = copies x G)")
+
+    def expert_size(self, ffn_size: int, options: MethodOptions) -> int:
+        return ffn_size // options.granularity
+
+    def default_scale(self, ffn_size: int, options: MethodOptions, top_k: int, router: RouterSpec) -> float:
+        # The output scale of He et al.: G for top-k-then-softmax (the k = G slices of one copy
+        # each get weight 1/G), and (copies x G^2 / k) for softmax-then-top-k without renormalisation
+        # (k slices, each with probability about 1/E).
+        G, E = options.granularity, options.num_experts
+        if router.routing == "topk-softmax" or router.renormalize:
+            return float(G)
+        return E * G / top_k
+
+    def default_router_init(self) -> str:
+        return "virtual-group"
+
+    def layer_partition(self, ffn_size: int, options: MethodOptions, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        G = options.granularity
+        slices = torch.arange(ffn_size).view(G, ffn_size // G)
+        return slices.repeat(options.num_experts // G, 1), torch.zeros(0, dtype=torch.long)
 
 
 class RandomSplit(ConstructionMethod):
-    def check(self, ffn_size: int, num_experts: int) -> None:
-        if num_experts > ffn_size:
+    name = "random-split"
+    description = "seeded equal partition of the FFN neurons (LLaMA-MoE Independent-Random)"
+
+    def shared_size(self, ffn_size: int, options: MethodOptions) -> int:
+        return options.shared_size or 0
+
+    def check(self, ffn_size: int, options: MethodOptions) -> None:
+        super().check(ffn_size, options)
+        routed = ffn_size - self.shared_size(ffn_size, options)
+        if not 0 <= self.shared_size(ffn_size, options) < ffn_size:
+            raise MoeifyError(f"--shared-size must be in [0, {ffn_size}), got {options.shared_size}")
+        if routed % options.num_experts:
             raise MoeifyError(
-                f"--experts {num_experts} is larger than the FFN size {ffn_size}; use at most {ffn_size} experts"
-            )
-        if ffn_size % num_experts:
-            divisors = [e for e in range(2, min(ffn_size, 64) + 1) if ffn_size % e == 0]
-            raise MoeifyError(
-                f"FFN size {ffn_size} is not divisible by --experts {num_experts}; "
-                f"choose one of {divisors} (or use --method upcycle)"
+                f"{routed} routed neurons are not divisible by --experts {options.num_experts}; "
+                f"choose one of {_divisors(routed)} (or use --method upcycle)"
             )
 
-    def expert_size(self, ffn_size: int, num_experts: int) -> int:
-        return ffn_size // num_experts
+    def expert_size(self, ffn_size: int, options: MethodOptions) -> int:
+        return (ffn_size - self.shared_size(ffn_size, options)) // options.num_experts
 
-    def default_scale(self, num_experts: int, top_k: int) -> float:
-        # Each token sees about k/E of the FFN's neurons; LLaMA-MoE rescales the output by E/k.
-        return num_experts / top_k
+    def layer_partition(self, ffn_size: int, options: MethodOptions, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.check(ffn_size, options)
+        permutation = torch.randperm(ffn_size, generator=layer_generator(options.seed, layer, PARTITION_STREAM))
+        shared = self.shared_size(ffn_size, options)
+        experts = permutation[shared:].view(options.num_experts, -1).sort(dim=1).values
+        return experts, permutation[:shared].sort().values
 
-    def neuron_groups(self, ffn_size: int, num_experts: int, layer: int, seed: int) -> list[torch.Tensor]:
-        self.check(ffn_size, num_experts)
-        permutation = torch.randperm(ffn_size, generator=layer_generator(seed, layer, PARTITION_STREAM))
-        return [group.sort().values for group in permutation.view(num_experts, -1)]
-
-
-METHODS: dict[str, ConstructionMethod] = {
-    method.name: method
-    for method in [
-        Upcycle("upcycle", "copy the whole FFN into every expert (Llama 3 Meets MoE)"),
-        RandomSplit("random-split", "seeded equal partition of the FFN neurons (LLaMA-MoE Independent-Random)"),
-    ]
-}
-
-
-def get_method(name: str) -> ConstructionMethod:
-    if name not in METHODS:
-        raise MoeifyError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
-    return METHODS[name]

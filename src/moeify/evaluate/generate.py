@@ -20,5 +20,5 @@ def greedy(model, tokenizer, ids: torch.Tensor, max_new_tokens: int) -> str:
 
 
 def generate(model: str, prompt: str, max_new_tokens: int = 40, chat: bool = True) -> str:
-    _, lm, tokenizer = load_for_eval(model)
+    _, lm, tokenizer, _ = load_for_eval(model)
     return greedy(lm, tokenizer, prompt_ids(tokenizer, prompt, chat), max_new_tokens)

@@ -3,10 +3,11 @@
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from moeify.checkpoint.resolve import resolve_model
 from moeify.errors import MoeifyError
+from moeify.modeling.load import load_moe_model
 
 
 def resolve_eval_model(spec: str) -> Path:
@@ -26,11 +27,12 @@ def check_model(spec: str) -> Path:
 
 
 def load_for_eval(spec: str, device: torch.device | str = "cpu"):
+    """(path, model, tokenizer, MoE blocks): the model in eval mode with moeify's blocks attached."""
     path = check_model(spec)
     try:
         AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+        model, blocks = load_moe_model(path, device)
     except (OSError, ValueError, KeyError) as error:
         raise MoeifyError(f"cannot load {spec} as a causal LM with transformers: {str(error).strip().splitlines()[0]}") from None
-    return path, model, tokenizer
+    return path, model.eval(), tokenizer, blocks

@@ -14,7 +14,6 @@ from moeify.evaluate.plots import expert_share_heatmaps
 from moeify.evaluate.routing import RoutingStats, top_expert_change
 from moeify.evaluate.scoring import score_documents
 from moeify.evaluate.text import evaluation_documents
-from moeify.modeling.hf import attach_moe_blocks
 
 EVAL_JSON = "eval.json"
 
@@ -49,8 +48,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict:
             label = label_of(spec, index)
             if progress:
                 print(f"[eval] {label}", file=sys.stderr, flush=True)
-            path, model, tokenizer = load_for_eval(spec)
-            blocks = attach_moe_blocks(model)
+            path, model, tokenizer, blocks = load_for_eval(spec)
             entry = {"label": label, "model": spec, "path": str(path), "architecture": model.config.architectures[0],
                      "tokenizer_vocab": len(tokenizer), "domains": {}, "routing": {}}
             top_experts[label] = {}

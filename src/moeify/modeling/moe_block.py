@@ -14,7 +14,7 @@ from moeify.modeling.losses import (
     router_z_loss,
     switch_aux_loss,
 )
-from moeify.modeling.router import TopKRouter
+from moeify.modeling.router import RouterSpec, TopKRouter
 
 
 @dataclass
@@ -53,9 +53,10 @@ class MoEBlock(nn.Module):
         dispatch: Dispatch = "auto",
         noisy: bool = False,
         capacity_factor: float | None = None,
+        router_spec: RouterSpec = RouterSpec(),
     ):
         super().__init__()
-        self.router = TopKRouter(hidden_size, num_experts, top_k, noisy=noisy)
+        self.router = TopKRouter(hidden_size, num_experts, top_k, noisy=noisy, spec=router_spec)
         self.experts = Experts(num_experts, hidden_size, expert_size, dispatch)
         self.capacity_factor = capacity_factor
 

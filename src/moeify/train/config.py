@@ -21,6 +21,8 @@ class TrainConfig:
     top_k: int = 2
     router_std: float = 0.02
     scale: float | None = None
+    partition: str | None = None
+    """Online upcycling with a data-driven method: the `moeify split` partition file."""
     out: str = "moeify-run"
     """Run directory: metrics, checkpoints, and the final model in `model/`."""
     data: str | None = None

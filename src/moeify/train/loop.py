@@ -12,17 +12,17 @@ from pathlib import Path
 import torch
 import yaml
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM
 
 from moeify.build import MANIFEST, construction_manifest
 from moeify.checkpoint.dense import DenseCheckpoint
 from moeify.checkpoint.resolve import resolve_model
-from moeify.construct import get_method
 from moeify.data.packed import PackedDataset
 from moeify.data.prepare import PrepareConfig, prepare, tokenizer_fingerprint
 from moeify.data.sampler import DomainSampler, DynamicWeights, static_weights
 from moeify.errors import MoeifyError
-from moeify.modeling.hf import MoEFeedForward, attach_moe_blocks
+from moeify.modeling.hf import MoEFeedForward
+from moeify.modeling.load import load_moe_model
+from moeify.modeling.router import RouterSpec
 from moeify.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from moeify.train.config import TrainConfig
 from moeify.train.distributed import DistEnv, all_reduce_sum, barrier, gather_to_list, init_distributed, wrap_model
@@ -72,16 +72,17 @@ def train(config: TrainConfig, progress: bool = True, stop_after_steps: int | No
 
     if config.from_dense:
         dense = DenseCheckpoint(model_dir)
-        spec = OnlineSpec(config.method, config.experts, config.top_k, config.seed, config.router_std, config.scale)
+        spec = OnlineSpec(config.method, config.experts, config.top_k, config.seed, config.router_std, config.scale,
+                          config.partition)
         model, blocks = build_online(dense, spec, env, config.parallel, config.dispatch, config.noisy_gate,
                                      config.capacity_factor, before_sharding)
         model_config = model.config
-        manifest = construction_manifest(dense, config.from_dense, model_config.architectures[0], get_method(config.method),
-                                         config.experts, config.top_k, config.seed, config.router_std, config.scale)
+        plan = spec.plan(dense)
+        manifest = construction_manifest(dense, config.from_dense, model_config.architectures[0], plan, config.top_k,
+                                         RouterSpec(), config.router_std, plan.scale(config.top_k, RouterSpec(), config.scale))
         manifest["built_online"] = True
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(env.device)
-        blocks = attach_moe_blocks(model, config.dispatch, config.noisy_gate, config.capacity_factor)
+        model, blocks = load_moe_model(model_dir, env.device, config.dispatch, config.noisy_gate, config.capacity_factor)
         before_sharding(model, blocks)
         model_config = model.config
         model = wrap_model(model, env, config.parallel)

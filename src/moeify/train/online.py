@@ -8,6 +8,7 @@ The weights are bit-identical to `moeify build` with the same settings.
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -17,9 +18,10 @@ from transformers import AutoModelForCausalLM
 from moeify.build import check_routing
 from moeify.checkpoint.dense import DenseCheckpoint
 from moeify.checkpoint.formats import architecture_for
-from moeify.construct import expert_weights, get_method, init_router
+from moeify.construct import ConstructionPlan, MethodOptions, get_method
 from moeify.errors import MoeifyError
 from moeify.modeling.hf import attach_moe_blocks
+from moeify.modeling.router import RouterSpec
 from moeify.train.distributed import DistEnv, wrap_model
 
 
@@ -31,12 +33,22 @@ class OnlineSpec:
     seed: int
     router_std: float
     scale: float | None
+    partition: str | None = None
+
+    def plan(self, dense: DenseCheckpoint) -> ConstructionPlan:
+        """Data-driven methods are read from a partition file, never computed here (on every rank)."""
+        options = MethodOptions(method=self.method, num_experts=self.num_experts, seed=self.seed)
+        if self.partition is None and not get_method(self.method).layerwise:
+            return ConstructionPlan(get_method(self.method), options, dense.ffn_size)  # refused by check_online
+        return ConstructionPlan.make(dense, options, Path(self.partition) if self.partition else None, progress=False)
 
 
 def check_online(dense: DenseCheckpoint, spec: OnlineSpec, env: DistEnv, parallel: str) -> None:
     """Every check that can fail, before any weight is allocated or any training step runs."""
     check_routing(spec.num_experts, spec.top_k)
-    get_method(spec.method).check(dense.ffn_size, spec.num_experts)
+    plan = spec.plan(dense)
+    if not plan.method.layerwise and plan.partition is None:
+        raise MoeifyError(f"online upcycling with --method {spec.method} needs a partition: run `moeify split` and pass --partition")
     if env.distributed and parallel != "fsdp":
         raise MoeifyError("online upcycling shards the MoE with FSDP2; use --parallel fsdp")
     if spec.num_experts % env.world_size:
@@ -65,10 +77,9 @@ def build_online(dense: DenseCheckpoint, spec: OnlineSpec, env: DistEnv, paralle
     `before_sharding(model, blocks)` runs on the meta-device model (freezing, activation checkpointing).
     """
     check_online(dense, spec, env, parallel)
-    method = get_method(spec.method)
-    E, F = spec.num_experts, dense.ffn_size
+    plan = spec.plan(dense)
     arch = architecture_for(dense.config)
-    config = arch.make_config(dense.config, E, spec.top_k, method.expert_size(F, E))
+    config = arch.make_config(dense.config, plan.num_experts, spec.top_k, plan.expert_size)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         blocks = attach_moe_blocks(model, dispatch, noisy, capacity_factor)
@@ -77,8 +88,8 @@ def build_online(dense: DenseCheckpoint, spec: OnlineSpec, env: DistEnv, paralle
     model.to_empty(device=env.device)
     if not env.distributed:
         model.tie_weights()  # to_empty on an unsharded model unties shared parameters (FSDP2 keeps them)
-    scale = method.default_scale(E, spec.top_k) if spec.scale is None else spec.scale
-    _fill_parameters(model, dense, spec, method, scale, env)
+    scale = plan.scale(spec.top_k, RouterSpec(), spec.scale)
+    _fill_parameters(model, dense, spec, plan, scale, env)
     with torch.no_grad():
         for block in blocks:
             block.block.router.selection_bias.zero_()
@@ -96,7 +107,8 @@ def _shard_rows(param: torch.Tensor, env: DistEnv) -> tuple[torch.Tensor, int]:
 
 
 @torch.no_grad()
-def _fill_parameters(model: nn.Module, dense: DenseCheckpoint, spec: OnlineSpec, method, scale: float, env: DistEnv) -> None:
+def _fill_parameters(model: nn.Module, dense: DenseCheckpoint, spec: OnlineSpec, plan: ConstructionPlan, scale: float,
+                     env: DistEnv) -> None:
     cached_layer, ffn, groups = None, None, None
     for name, param in model.named_parameters():
         local, start = _shard_rows(param, env)
@@ -108,13 +120,13 @@ def _fill_parameters(model: nn.Module, dense: DenseCheckpoint, spec: OnlineSpec,
             continue
         layer = int(name.split(".")[2])
         if name.endswith("router.weight"):
-            local.copy_(init_router(spec.num_experts, dense.hidden_size, spec.router_std, spec.seed, layer, local.dtype)[start:stop])
+            local.copy_(plan.router_weight(layer, dense.hidden_size, spec.router_std, plan.router_init("auto"), local.dtype)[start:stop])
         elif name.endswith("router.noise_weight"):
             local.zero_()
         else:
             if layer != cached_layer:  # one dense FFN in memory at a time
                 cached_layer, ffn = layer, dense.ffn(layer)
-                groups = method.neuron_groups(dense.ffn_size, spec.num_experts, layer, spec.seed)
+                groups, _ = plan.layer(layer)
             for row, expert in enumerate(range(start, stop)):
-                gate, up, down = expert_weights(*ffn, groups[expert], scale)
+                gate, up, down = plan.expert_weights(ffn, groups[expert], scale, layer, expert)
                 local[row].copy_(torch.cat([gate, up]) if name.endswith("gate_up_proj") else down)
