@@ -14,26 +14,35 @@ def _add_routing(parser: argparse.ArgumentParser, default: int | None = 8, defau
     parser.add_argument("--top-k", type=int, default=default_k, help="experts per token k (default 2)")
 
 
-def _add_dataclass_flags(parser: argparse.ArgumentParser, schema) -> None:
+# Dataclass fields whose flag is spelled differently.
+FLAG_NAMES = {"num_experts": "experts"}
+# BuildConfig fields that are not construction settings (and so not flags of split/compare-init, nor recipe keys).
+BUILD_ONLY = {"model", "out", "max_shard_bytes", "force"}
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, schema, skip: set[str] = frozenset()) -> None:
     """One flag per dataclass field; defaults are None so that only given flags override a recipe."""
     import dataclasses
     import typing
 
     hints = typing.get_type_hints(schema)
     for f in dataclasses.fields(schema):
-        flag = "--" + f.name.replace("_", "-")
+        if f.name in skip:
+            continue
+        flag = "--" + FLAG_NAMES.get(f.name, f.name).replace("_", "-")
         kind = hints[f.name]
         inner = [a for a in typing.get_args(kind) if a is not type(None)]
         base = inner[0] if inner else kind
         if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default})")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, dest=f.name, default=None, help=f"(default {f.default})")
         else:
-            parser.add_argument(flag, type=base, default=None, help=f"(default {f.default})")
+            parser.add_argument(flag, type=Path if base is Path else base, dest=f.name, default=None, help=f"(default {f.default})")
 
 
 def _parser() -> argparse.ArgumentParser:
+    from moeify.build import BuildConfig
     from moeify.checkpoint.resolve import DEFAULT_MODEL
-    from moeify.construct import METHODS
+    from moeify.construct import METHODS, MethodOptions
 
     parser = argparse.ArgumentParser(prog="moeify", description="Turn a dense LLaMA-family model into an MoE model.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -46,14 +55,28 @@ def _parser() -> argparse.ArgumentParser:
     build = commands.add_parser("build", help="build an MoE checkpoint from a dense model")
     build.add_argument("--model", required=True, help=f"HF directory, .gguf file or embedded name (e.g. {DEFAULT_MODEL})")
     build.add_argument("--recipe", type=Path, default=None, help="YAML recipe (its build: section); flags override it")
-    build.add_argument("--method", default=None, choices=list(METHODS), help="construction method (default upcycle)")
-    _add_routing(build, None, None)
     build.add_argument("--out", required=True, type=Path, help="output directory")
-    build.add_argument("--seed", type=int, default=None, help="(default 0)")
-    build.add_argument("--router-std", type=float, default=None, help="router init N(0, std), default 0.02; 0 for zeros")
-    build.add_argument("--scale", type=float, default=None, help="expert output scale (default: E/k for splits, 1 for upcycle)")
+    _add_dataclass_flags(build, BuildConfig, BUILD_ONLY)
     build.add_argument("--max-shard-mb", type=int, default=1024, help="safetensors shard size (MiB)")
     build.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+    split = commands.add_parser("split", help=f"write a partition file (methods: {', '.join(METHODS)})")
+    split.add_argument("model", help=f"HF directory, .gguf file or embedded name (e.g. {DEFAULT_MODEL})")
+    split.add_argument("--out", required=True, type=Path, help="partition file to write (.safetensors)")
+    _add_dataclass_flags(split, MethodOptions)
+
+    export = commands.add_parser("export", help="write a built or trained MoE as a stock transformers checkpoint (verified)")
+    export.add_argument("model", help="MoE directory or training run")
+    export.add_argument("--out", required=True, type=Path)
+    export.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+    compare = commands.add_parser("compare-init", help="held-out perplexity of each construction method, untrained")
+    compare.add_argument("model", help=f"dense model (e.g. {DEFAULT_MODEL})")
+    compare.add_argument("--methods", default=None, help="comma-separated methods (default: the LLaMA-MoE set and upcycle)")
+    compare.add_argument("--out", type=Path, default=Path("moeify-compare-init"), help="table, JSON and PNG go here")
+    compare.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens scored per model")
+    compare.add_argument("--force", action="store_true", help="replace --out if it exists")
+    _add_dataclass_flags(compare, BuildConfig, BUILD_ONLY | {"method", "partition"})
 
     quick = commands.add_parser("quickstart", help="build, reload and compare upcycled and random-split MoEs")
     quick.add_argument("--model", default=DEFAULT_MODEL)
@@ -102,6 +125,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _given(args: argparse.Namespace, schema, skip: set[str] = frozenset()) -> dict:
+    import dataclasses
+
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(schema)
+            if f.name not in skip and getattr(args, f.name, None) is not None}
+
+
+def _build_settings(args: argparse.Namespace) -> dict:
+    """Construction settings: the recipe's build: section (if any), overridden by the given flags."""
+    from moeify.build import BuildConfig
+    from moeify.train.config import load_recipe
+
+    settings = load_recipe(args.recipe, "build") if getattr(args, "recipe", None) else {}
+    allowed = {f.name for f in __import__("dataclasses").fields(BuildConfig)} - BUILD_ONLY
+    if set(settings) - allowed:
+        raise MoeifyError(f"unknown build option(s) in recipe: {', '.join(sorted(set(settings) - allowed))}")
+    settings.update(_given(args, BuildConfig, BUILD_ONLY))
+    if "partition" in settings:
+        settings["partition"] = Path(settings["partition"])
+    return settings
+
+
 def _run(args: argparse.Namespace) -> None:
     if args.command == "inspect":
         from moeify.inspect_model import format_inspection, inspect_model
@@ -110,19 +155,41 @@ def _run(args: argparse.Namespace) -> None:
         print(json.dumps(asdict(report), indent=2) if args.json else format_inspection(report))
     elif args.command == "build":
         from moeify.build import BuildConfig, build
-        from moeify.train.config import load_recipe
 
         if args.max_shard_mb < 1:
             raise MoeifyError(f"--max-shard-mb must be at least 1, got {args.max_shard_mb}")
-        settings = load_recipe(args.recipe, "build") if args.recipe else {}
-        allowed = {"method", "num_experts", "top_k", "seed", "router_std", "scale"}
-        if set(settings) - allowed:
-            raise MoeifyError(f"unknown build option(s) in recipe: {', '.join(sorted(set(settings) - allowed))}")
-        flags = {"method": args.method, "num_experts": args.experts, "top_k": args.top_k, "seed": args.seed,
-                 "router_std": args.router_std, "scale": args.scale}
-        settings.update({k: v for k, v in flags.items() if v is not None})
+        settings = _build_settings(args)
         config = BuildConfig(model=args.model, out=args.out, max_shard_bytes=args.max_shard_mb << 20, force=args.force, **settings)
         print(f"wrote {build(config)}")
+    elif args.command == "split":
+        from moeify.checkpoint.dense import DenseCheckpoint
+        from moeify.checkpoint.resolve import resolve_model
+        from moeify.construct import ConstructionPlan, MethodOptions
+
+        options = MethodOptions(**_given(args, MethodOptions))
+        if args.out.exists() and args.out.is_dir():
+            raise MoeifyError(f"--out {args.out} is a directory; give a file name such as {args.out / 'partition.safetensors'}")
+        partition = ConstructionPlan.make_partition(DenseCheckpoint(resolve_model(args.model)), options)
+        partition.save(args.out)
+        print(f"{partition.method}: {partition.num_layers} layers, {partition.num_experts} experts of {partition.expert_size} neurons"
+              + (f", shared expert of {partition.shared_size}" if partition.shared_size else ""))
+        print(f"wrote {args.out}")
+    elif args.command == "export":
+        from moeify.checkpoint.export import export_model
+        from moeify.evaluate.models import check_model
+
+        out, diff = export_model(check_model(args.model), args.out, args.force)
+        print(f"wrote {out} (stock reload: max |logit diff| {diff:.1e})")
+    elif args.command == "compare-init":
+        from moeify.build import BuildConfig
+        from moeify.compare_init import DEFAULT_METHODS, CompareInitConfig, compare_init, format_table
+
+        settings = {"calibration": "embedded", **_build_settings(args)}
+        methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(DEFAULT_METHODS)
+        config = CompareInitConfig(args.model, args.out, methods, BuildConfig(model=args.model, out=args.out, **settings),
+                                   eval_tokens=args.eval_tokens, force=args.force)
+        print(format_table(compare_init(config)))
+        print(f"wrote {args.out}")
     elif args.command == "quickstart":
         from moeify.quickstart import QuickstartConfig, format_rows, quickstart
 

@@ -267,16 +267,16 @@ class DeepseekV3Style(_PerExpertKeys):
 
     def layer_tensors(self, layer: int, shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
                       hidden_size: int, expert_size: int, num_experts: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        out = {self.selection_bias_key.format(layer=layer): torch.zeros(num_experts)}  # stock keeps it in fp32
-        if shared is not None:
-            # The stock shared block holds n_shared * expert_size neurons; zero neurons pad it and add nothing.
-            gate, up, down = shared
-            pad = -gate.shape[0] % expert_size
-            gate = torch.cat([gate, gate.new_zeros(pad, hidden_size)])
-            up = torch.cat([up, up.new_zeros(pad, hidden_size)])
-            down = torch.cat([down, down.new_zeros(hidden_size, pad)], dim=1)
-            out.update(_mlp_tensors(f"model.layers.{layer}.mlp.shared_experts", gate, up, down))
-        return out
+        if shared is None:  # no shared expert: n_shared_experts = 0 and empty tensors
+            shared = (torch.zeros(0, hidden_size, dtype=dtype),) * 2 + (torch.zeros(hidden_size, 0, dtype=dtype),)
+        # The stock shared block holds n_shared * expert_size neurons; zero neurons pad it and add nothing.
+        gate, up, down = shared
+        pad = -gate.shape[0] % expert_size
+        gate = torch.cat([gate, gate.new_zeros(pad, hidden_size)])
+        up = torch.cat([up, up.new_zeros(pad, hidden_size)])
+        down = torch.cat([down, down.new_zeros(hidden_size, pad)], dim=1)
+        return {self.selection_bias_key.format(layer=layer): torch.zeros(num_experts),  # stock keeps it in fp32
+                **_mlp_tensors(f"model.layers.{layer}.mlp.shared_experts", gate, up, down)}
 
 
 ARCHITECTURES: list[OutputArchitecture] = [Mixtral(), Qwen2Moe(), Qwen3Moe(), DeepseekV3Style()]

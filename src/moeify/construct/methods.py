@@ -82,6 +82,19 @@ def _divisors(n: int, limit: int = 64) -> list[int]:
     return [e for e in range(2, min(n, limit) + 1) if n % e == 0]
 
 
+def check_equal_split(ffn_size: int, options: MethodOptions, shared_size: int) -> None:
+    """The routed neurons (all but the shared block) must cut into E equal experts."""
+    ConstructionMethod().check(ffn_size, options)
+    if not 0 <= shared_size < ffn_size:
+        raise MoeifyError(f"--shared-size must be in [0, {ffn_size}), got {shared_size}")
+    routed = ffn_size - shared_size
+    if routed % options.num_experts:
+        raise MoeifyError(
+            f"{routed} routed neurons are not divisible by --experts {options.num_experts}; "
+            f"choose one of {_divisors(routed)} (or use --method upcycle)"
+        )
+
+
 class Upcycle(ConstructionMethod):
     name = "upcycle"
     description = "copy the whole FFN into every expert (Llama 3 Meets MoE)"
@@ -189,15 +202,7 @@ class RandomSplit(ConstructionMethod):
         return options.shared_size or 0
 
     def check(self, ffn_size: int, options: MethodOptions) -> None:
-        super().check(ffn_size, options)
-        routed = ffn_size - self.shared_size(ffn_size, options)
-        if not 0 <= self.shared_size(ffn_size, options) < ffn_size:
-            raise MoeifyError(f"--shared-size must be in [0, {ffn_size}), got {options.shared_size}")
-        if routed % options.num_experts:
-            raise MoeifyError(
-                f"{routed} routed neurons are not divisible by --experts {options.num_experts}; "
-                f"choose one of {_divisors(routed)} (or use --method upcycle)"
-            )
+        check_equal_split(ffn_size, options, self.shared_size(ffn_size, options))
 
     def expert_size(self, ffn_size: int, options: MethodOptions) -> int:
         return (ffn_size - self.shared_size(ffn_size, options)) // options.num_experts

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from moeify.checkpoint.dense import DenseCheckpoint
 from moeify.construct import calibration as calib
 from moeify.construct.kmeans import balanced_kmeans
-from moeify.construct.methods import ConstructionMethod, MethodOptions, RandomSplit
+from moeify.construct.methods import ConstructionMethod, MethodOptions, check_equal_split
 from moeify.construct.partition import Partition, model_fingerprint
 from moeify.errors import MoeifyError
 
@@ -23,7 +23,7 @@ class _Split(ConstructionMethod):
     layerwise = False
 
     def check(self, ffn_size: int, options: MethodOptions) -> None:
-        RandomSplit.check(self, ffn_size, options)
+        check_equal_split(ffn_size, options, self.shared_size(ffn_size, options))
 
     def shared_size(self, ffn_size: int, options: MethodOptions) -> int:
         return 0

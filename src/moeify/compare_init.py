@@ -1,0 +1,86 @@
+"""`moeify compare-init`: held-out perplexity of each construction method right after construction.
+
+The zero-training column of LLaMA-MoE's ablation: the dense model first, then one MoE per method,
+all with the same experts, top-k, seed and held-out text.
+"""
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from moeify.build import BuildConfig, build
+from moeify.checkpoint.atomic import atomic_directory
+from moeify.checkpoint.resolve import resolve_model
+from moeify.construct import get_method
+from moeify.data.embedded import heldout_text
+from moeify.errors import MoeifyError
+from moeify.evaluate.params import parameter_counts
+from moeify.evaluate.perplexity import blocks_of, score_blocks
+from moeify.evaluate.plots import bar_chart
+from moeify.modeling.load import load_moe_model
+
+DEFAULT_METHODS = ("upcycle", "random-split", "clustering", "co-activation", "sharing-inner", "sharing-inter", "gradient-greedy")
+
+
+@dataclass
+class CompareInitConfig:
+    model: str
+    out: Path
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    base: BuildConfig | None = None  # experts, top-k, seed, calibration and method options shared by every arm
+    eval_tokens: int = 4096
+    block_size: int = 256
+    force: bool = False
+
+
+def compare_init(config: CompareInitConfig, progress: bool = True) -> list[dict]:
+    for name in config.methods:
+        get_method(name)
+    base = config.base or BuildConfig(model=config.model, out=config.out)
+    dense_dir = resolve_model(config.model)
+    tokenizer = AutoTokenizer.from_pretrained(dense_dir)
+    try:
+        blocks = blocks_of(tokenizer(heldout_text())["input_ids"], config.block_size, config.eval_tokens)
+    except ValueError as error:
+        raise MoeifyError(f"held-out text too short: {error}; lower --block-size") from None
+    rows: list[dict] = []
+    with atomic_directory(config.out, config.force) as tmp:
+        for name in ["dense", *config.methods]:
+            if progress:
+                print(f"[compare-init] {name}", file=sys.stderr, flush=True)
+            if name == "dense":
+                path, settings = dense_dir, {}
+            else:
+                arm = replace(base, model=config.model, out=tmp / name, method=name, force=True)
+                path = build(arm, progress=progress)
+                settings = json.loads((path / "moeify.json").read_text())
+            model, _ = load_moe_model(path)
+            scores = score_blocks(model.eval(), blocks)
+            total, active = parameter_counts(model)
+            rows.append({"method": name, "perplexity": scores.perplexity, "mean_nll": scores.mean_nll, "tokens": scores.tokens,
+                         "total_params": total, "active_params": active, "expert_size": settings.get("expert_size"),
+                         "shared_size": settings.get("shared_size", 0), "scale": settings.get("scale")})
+            del model
+        settings = {"model": config.model, "num_experts": base.num_experts, "top_k": base.top_k, "seed": base.seed,
+                    "calibration": base.calibration, "eval_tokens": int(blocks.numel()), "heldout": "Python help topics (held out)"}
+        (tmp / "compare-init.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+        (tmp / "compare-init.md").write_text(format_table(rows) + "\n")
+        bar_chart({r["method"]: r["perplexity"] for r in rows}, f"Held-out perplexity at construction ({base.num_experts} experts, top-{base.top_k})",
+                  "perplexity (log scale)", tmp / "compare-init.png", log=True)
+        for name in config.methods:  # the MoE checkpoints are large; the table, JSON and chart stay
+            shutil.rmtree(tmp / name)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| method | held-out perplexity | active / total params | expert size | shared | scale |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['perplexity']:.2f} | {r['active_params'] / 1e6:.1f}M / {r['total_params'] / 1e6:.1f}M | "
+                     f"{r['expert_size'] or '-'} | {r['shared_size'] or '-'} | {format(r["scale"], ".4g") if r["scale"] is not None else "-"} |")
+    return "\n".join(lines)
+
