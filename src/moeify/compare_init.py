@@ -81,6 +81,6 @@ def format_table(rows: list[dict]) -> str:
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['perplexity']:.2f} | {r['active_params'] / 1e6:.1f}M / {r['total_params'] / 1e6:.1f}M | "
-                     f"{r['expert_size'] or '-'} | {r['shared_size'] or '-'} | {format(r["scale"], ".4g") if r["scale"] is not None else "-"} |")
+                     f"{r['expert_size'] or '-'} | {r['shared_size'] or '-'} | {format(r['scale'], '.4g') if r['scale'] is not None else '-'} |")
     return "\n".join(lines)
 
