@@ -128,7 +128,7 @@ class CoActivation(_Split):
             rows, cols = kept.nonzero(as_tuple=True)
             weights = (graph[rows, cols] / graph.max() * 1000).round().clamp_min(1).long()
             xadj = np.concatenate([[0], torch.bincount(rows, minlength=len(graph)).cumsum(0).numpy()])
-            cut, membership = pymetis.part_graph(options.num_experts, xadj=xadj, adjncy=cols.numpy(),
+            cut, membership = pymetis.part_graph(options.num_experts, pymetis.CSRAdjacency(xadj, cols.numpy()),
                                                  eweights=weights.numpy(), options=metis_options)
             parts = rebalance(torch.tensor(membership), graph.double(), options.num_experts)
             experts.append(parts.argsort(stable=True).view(options.num_experts, -1))
