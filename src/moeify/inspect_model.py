@@ -6,7 +6,7 @@ from moeify.build import check_routing
 from moeify.checkpoint.dense import DenseCheckpoint
 from moeify.checkpoint.formats import architecture_for
 from moeify.checkpoint.resolve import resolve_model
-from moeify.construct import METHODS
+from moeify.construct import METHODS, MethodOptions
 from moeify.errors import MoeifyError
 
 
@@ -44,13 +44,15 @@ def inspect_model(model: str, num_experts: int = 8, top_k: int = 2) -> Inspectio
         output_architecture = f"none ({error})"
     plans = []
     for method in METHODS.values():
+        options = MethodOptions(method=method.name, num_experts=num_experts)
         try:
-            method.check(F, num_experts)
-            problem = None
+            method.check(F, options)
+            problem = "needs --calibration" if method.needs_calibration else None
         except MoeifyError as error:
             problem = str(error)
-        size = method.expert_size(F, num_experts)
-        without_ffn = params - L * 3 * D * F + L * num_experts * D  # + routers
+        size = method.expert_size(F, options)
+        shared = method.shared_size(F, options)
+        without_ffn = params - L * 3 * D * F + L * num_experts * D + L * 3 * D * shared  # + routers and shared expert
         plans.append(
             MethodPlan(
                 method.name,
@@ -75,12 +77,12 @@ def format_inspection(report: Inspection) -> str:
         f"F / E            {_division(report.ffn_size, report.num_experts)}",
         "",
         f"with --experts {report.num_experts} --top-k {report.top_k} (embeddings counted in total and active):",
-        f"  {'method':<14}{'expert size':>12}{'total':>12}{'active':>12}  usable?",
+        f"  {'method':<18}{'expert size':>12}{'total':>12}{'active':>12}  usable?",
     ]
     for plan in report.plans:
-        usable = "yes" if plan.problem is None else f"no: {plan.problem}"
+        usable = "yes" if plan.problem is None else plan.problem if plan.problem.startswith("needs") else f"no: {plan.problem}"
         lines.append(
-            f"  {plan.method:<14}{plan.expert_size:>12}{_millions(plan.total_params):>12}{_millions(plan.active_params):>12}  {usable}"
+            f"  {plan.method:<18}{plan.expert_size:>12}{_millions(plan.total_params):>12}{_millions(plan.active_params):>12}  {usable}"
         )
     return "\n".join(lines)
 
