@@ -207,3 +207,25 @@ def test_compare_init_prints_dense_first_and_writes_a_chart(tiny_models, tmp_pat
     assert rows[1]["perplexity"] == pytest.approx(rows[0]["perplexity"], rel=1e-4)  # upcycling starts at dense
     assert (out / "compare-init.png").read_bytes()[:4] == b"\x89PNG"
     assert "| dense |" in capsys.readouterr().out
+
+
+def test_trained_selection_bias_survives_the_deepseek_v3_format(tiny_models, tmp_path):
+    from moeify.checkpoint.writer import ShardedWriter
+    from moeify.modeling.hf import stock_state_dict
+
+    out = build(BuildConfig(model=str(tiny_models["qwen2"]), out=tmp_path / "m", method="random-split", num_experts=4,
+                            routing="sigmoid-topk", router_std=0.5), progress=False)
+    model, blocks = load_moe_model(out)
+    with torch.no_grad():
+        for block in blocks:  # what aux-loss-free balancing leaves after training
+            block.block.router.selection_bias.copy_(torch.tensor([0.3, -0.2, 0.1, -0.4]))
+        ours = model.eval()(IDS).logits
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    writer = ShardedWriter(exported)
+    for name, tensor in sorted(stock_state_dict(model.state_dict(), model.config).items()):
+        writer.add(name, tensor)
+    writer.close()
+    model.config.save_pretrained(exported)
+    assert (logits_of(exported, IDS) - ours).abs().max() < 1e-4
+    assert (logits_of(out, IDS) - ours).abs().max() > 1e-4  # the bias changed the routing

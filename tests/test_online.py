@@ -109,3 +109,18 @@ def test_dense_checkpoint_missing_tensors(tiny_models, tiny_data, tmp_path):
     with pytest.raises(MoeifyError, match="lacks model.layers.1.mlp.up_proj.weight"):
         train(train_config(tiny_models["llama"], tiny_data, tmp_path / "run", from_dense=str(broken), **ONLINE), progress=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("method,flags", [("clustering", []), ("granular-upcycle", ["--granularity", "2"])])
+def test_online_build_from_a_partition_file_equals_build(method, flags, tiny_models, tiny_data, tmp_path):
+    from moeify.build import BuildConfig, build
+    from moeify.cli import main
+
+    dense = str(tiny_models["llama"])
+    partition = tmp_path / "p.safetensors"
+    assert main(["split", dense, "--method", method, "--experts", "4", *flags, "--out", str(partition)]) == 0
+    offline = build(BuildConfig(model=dense, out=tmp_path / "offline", partition=partition, top_k=2, router_std=0.1), progress=False)
+    config = train_config(offline, tiny_data, tmp_path / "run", from_dense=dense, experts=4, top_k=2, router_std=0.1,
+                          partition=str(partition))
+    train(config, progress=False, stop_after_steps=0)
+    _assert_same_as_offline(_initial_weights(tmp_path / "run", AutoConfig.from_pretrained(offline)), offline)

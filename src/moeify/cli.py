@@ -78,6 +78,15 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--force", action="store_true", help="replace --out if it exists")
     _add_dataclass_flags(compare, BuildConfig, BUILD_ONLY | {"method", "partition"})
 
+    experiment = commands.add_parser("experiment", help="run a paper comparison (experiments/NAME.yaml): every arm, same budget and seed")
+    experiment.add_argument("name", help="construction | scale | sampling | upcycle-vs-dense | capacity, or a .yaml path")
+    experiment.add_argument("--model", default=None, help="override the experiment's model")
+    experiment.add_argument("--max-tokens", type=int, default=None, help="override every arm's token budget")
+    experiment.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per domain in the final evaluation")
+    experiment.add_argument("--out", type=Path, default=None, help="default: moeify-experiments/NAME")
+    experiment.add_argument("--force", action="store_true", help="replace --out if it exists")
+    experiment.add_argument("--data", default=None, help="prepared data (moeify data prepare); default: the embedded corpus")
+
     quick = commands.add_parser("quickstart", help="build, reload and compare upcycled and random-split MoEs")
     quick.add_argument("--model", default=DEFAULT_MODEL)
     quick.add_argument("--work-dir", type=Path, default=None, help="where the MoE checkpoints go (default: cache)")
@@ -190,6 +199,13 @@ def _run(args: argparse.Namespace) -> None:
                                    eval_tokens=args.eval_tokens, force=args.force)
         print(format_table(compare_init(config)))
         print(f"wrote {args.out}")
+    elif args.command == "experiment":
+        from moeify.experiment import ExperimentConfig, format_results, run_experiment
+
+        out = args.out or Path("moeify-experiments") / Path(args.name).stem
+        result = run_experiment(ExperimentConfig(args.name, out, args.model, args.max_tokens, args.eval_tokens, args.force, args.data))
+        print(format_results(result))
+        print(f"wrote {out}")
     elif args.command == "quickstart":
         from moeify.quickstart import QuickstartConfig, format_rows, quickstart
 

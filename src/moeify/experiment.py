@@ -1,0 +1,171 @@
+"""`moeify experiment NAME`: one comparison of the papers, every arm with the same data, token
+budget and seed, evaluated per domain, written as a table, JSON and plots.
+
+An experiment is a YAML file (experiments/NAME.yaml): a model, shared `build:` and `train:`
+settings, and `arms`, each a name with its own `build:` (absent: the dense model itself) and
+`train:` overrides (absent or empty `train:` for an arm that is only evaluated at construction).
+"""
+
+import json
+import shutil
+import statistics
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import yaml
+
+from moeify.build import BuildConfig, build
+from moeify.checkpoint.atomic import check_output_dir
+from moeify.checkpoint.resolve import resolve_model
+from moeify.data.packed import PackedDataset
+from moeify.data.prepare import PrepareConfig, prepare
+from moeify.errors import MoeifyError
+from moeify.evaluate.plots import bar_chart, line_plot
+from moeify.evaluate.run import EvalConfig, evaluate
+from moeify.modeling.load import load_moe_model
+from moeify.train.config import TrainConfig
+from moeify.train.loop import train
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
+TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
+BUILD_KEYS = {f.name for f in fields(BuildConfig)} - {"model", "out", "force", "max_shard_bytes"}
+
+
+@dataclass
+class ExperimentConfig:
+    spec: str
+    """An experiments/ name or a YAML path."""
+    out: Path
+    model: str | None = None
+    """Override the experiment's model."""
+    max_tokens: int | None = None
+    """Override the token budget of every arm."""
+    eval_tokens: int = 4096
+    """Held-out tokens per domain and model in the final evaluation."""
+    force: bool = False
+    data: str | None = None
+    """Prepared data (`moeify data prepare`); default: the embedded corpus for the model."""
+
+
+def load_experiment(spec: str) -> dict:
+    path = Path(spec) if spec.endswith((".yaml", ".yml")) else EXPERIMENTS_DIR / f"{spec}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")))
+        raise MoeifyError(f"no experiment {spec!r}; choose one of: {known} (or give a .yaml path)")
+    document = yaml.safe_load(path.read_text())
+    for arm in document.get("arms", []):
+        unknown = (set(arm.get("build") or {}) - BUILD_KEYS) | (set(arm.get("train") or {}) - TRAIN_KEYS)
+        if unknown:
+            raise MoeifyError(f"{path}: arm {arm.get('name')!r} has unknown setting(s) {', '.join(sorted(unknown))}")
+    return document
+
+
+def _log(message: str) -> None:
+    print(f"[experiment] {message}", file=sys.stderr, flush=True)
+
+
+def run_experiment(config: ExperimentConfig) -> dict:
+    document = load_experiment(config.spec)
+    model = config.model or document["model"]
+    check_output_dir(config.out, config.force)
+    if config.out.exists():
+        shutil.rmtree(config.out)
+    config.out.mkdir(parents=True)
+    shared_train = dict(document.get("train", {}))
+    if config.max_tokens is not None:
+        shared_train["max_tokens"] = config.max_tokens
+    if config.data is not None:
+        data = PackedDataset(Path(config.data))
+        seq_len = data.seq_len
+    else:
+        seq_len = shared_train.get("seq_len", TrainConfig.seq_len)
+        data = prepare(PrepareConfig(model, seq_len=seq_len), progress=False)
+    dense_dir = resolve_model(model)
+    probe = data.blocks(data.domains[0], "val", 2).long()  # held-out blocks for |Δlogit| at construction
+    dense_logits = _logits(dense_dir, probe)
+    arms = []
+    for arm in document["arms"]:
+        name = arm["name"]
+        _log(f"arm {name}")
+        arm_dir = config.out / "arms" / name
+        start = dense_dir
+        if arm.get("build") is not None:
+            settings = {**document.get("build", {}), **arm["build"]}
+            start = build(BuildConfig(model=model, out=arm_dir / "init", **settings), progress=False)
+        record = {"name": name, "build": arm.get("build"), "init_max_abs_logit_diff": (_logits(start, probe) - dense_logits).abs().max().item()}
+        if arm.get("train") is not None:
+            train_settings = {**shared_train, **arm["train"], "model": str(start), "data": str(data.path), "out": str(arm_dir / "run")}
+            train_config = TrainConfig(**train_settings)
+            result = train(train_config, progress=False)
+            record.update(_run_summary(arm_dir / "run"), train=arm["train"], seed=train_config.seed, model=str(result.model_dir))
+        else:
+            record["model"] = str(start)
+        arms.append(record)
+    _log("evaluating every arm on the held-out text")
+    report = evaluate(EvalConfig([a["model"] for a in arms], config.out / "eval", seq_len=seq_len, max_tokens=config.eval_tokens), progress=False)
+    for arm, evaluated in zip(arms, report["models"]):
+        arm["eval"] = {d: round(s["bits_per_byte"], 4) for d, s in evaluated["domains"].items()}
+        arm["eval"]["all"] = round(evaluated["all_domains"]["bits_per_byte"], 4)
+    result = {"experiment": document["name"], "description": document.get("description", ""), "model": model,
+              "train": shared_train, "build": document.get("build", {}), "arms": arms}
+    (config.out / "experiment.json").write_text(json.dumps(result, indent=2) + "\n")
+    (config.out / "results.md").write_text(format_results(result) + "\n")
+    _plots(result, config.out)
+    for arm in document["arms"]:  # checkpoints are large; the tables, metrics and plots stay
+        for sub in ("init", "run/model", "run/checkpoints"):
+            shutil.rmtree(config.out / "arms" / arm["name"] / sub, ignore_errors=True)
+    return result
+
+
+@torch.no_grad()
+def _logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    model, _ = load_moe_model(path)
+    return model.eval()(ids).logits
+
+
+def _run_summary(run: Path) -> dict:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r and "tokens_per_s" in r]
+    evals = [r for r in records if "heldout_loss" in r]
+    heldout = lambda r: statistics.mean(r["heldout_loss"].values())  # noqa: E731
+    return {
+        "tokens": steps[-1]["tokens"], "steps": len(steps),
+        "heldout_start": round(heldout(evals[0]), 4), "heldout_end": round(heldout(evals[-1]), 4),
+        "heldout_end_domains": {d: round(v, 4) for d, v in evals[-1]["heldout_loss"].items()},
+        "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in steps[1:] or steps), 1),
+        "dropped_fraction": round(statistics.mean(r.get("dropped_fraction", 0.0) for r in steps), 4),
+        "curve": [(r["tokens"], r["loss"]) for r in steps],
+        "heldout_curve": [(r.get("tokens", 0), heldout(r)) for r in evals],
+    }
+
+
+def format_results(result: dict) -> str:
+    train = result["train"]
+    lines = [f"# {result['experiment']}", "", result["description"].strip(), "",
+             f"Model {result['model']}; every trained arm: {train.get('max_tokens')} tokens, seed {train.get('seed', 0)}, "
+             f"sequences of {train.get('seq_len', TrainConfig.seq_len)}, batch {train.get('batch_size', TrainConfig.batch_size)}.", "",
+             "| arm | max \\|Δlogit\\| vs dense at init | held-out loss start → end | bits/byte (all) | tokens/s (× first) | dropped |",
+             "|---|---:|---:|---:|---:|---:|"]
+    base = next((a.get("tokens_per_s") for a in result["arms"] if a.get("tokens_per_s")), None)
+    for arm in result["arms"]:
+        trained = "tokens_per_s" in arm
+        loss = f"{arm['heldout_start']:.3f} → {arm['heldout_end']:.3f}" if trained else "(not trained)"
+        speed = f"{arm['tokens_per_s']:.0f} ({arm['tokens_per_s'] / base:.2f}×)" if trained and base else "-"
+        dropped = f"{arm['dropped_fraction']:.1%}" if trained else "-"
+        lines.append(f"| {arm['name']} | {arm['init_max_abs_logit_diff']:.2e} | {loss} | {arm['eval']['all']:.4f} | {speed} | {dropped} |")
+    domains = [d for d in result["arms"][0]["eval"] if d != "all"]
+    lines += ["", "Bits per byte per domain (final evaluation, embedded held-out text):", "",
+              "| arm | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
+    for arm in result["arms"]:
+        lines.append(f"| {arm['name']} | " + " | ".join(f"{arm['eval'][d]:.4f}" for d in domains) + " |")
+    return "\n".join(lines)
+
+
+def _plots(result: dict, out: Path) -> None:
+    curves = {a["name"]: ([t for t, _ in a["curve"]], [loss for _, loss in a["curve"]]) for a in result["arms"] if "curve" in a}
+    if curves:
+        line_plot(curves, f"{result['experiment']}: training loss", "tokens", "loss", out / "loss.png")
+    bar_chart({a["name"]: a["eval"]["all"] for a in result["arms"]}, f"{result['experiment']}: held-out bits per byte",
+              "bits per byte", out / "bits_per_byte.png")

@@ -1,0 +1,49 @@
+"""`moeify experiment`: every arm trained alike, evaluated, reported."""
+
+import json
+
+import yaml
+
+from moeify.cli import main
+from moeify.experiment import EXPERIMENTS_DIR, load_experiment
+
+SHIPPED = ["construction", "scale", "sampling", "upcycle-vs-dense", "capacity"]
+
+
+def test_shipped_experiments_parse_and_give_every_arm_the_same_budget():
+    for name in SHIPPED:
+        document = load_experiment(name)
+        assert document["name"] == name and len(document["arms"]) >= 2
+        assert all("max_tokens" not in (arm.get("train") or {}) and "seed" not in (arm.get("train") or {}) for arm in document["arms"])
+    assert sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")) == sorted(SHIPPED)
+
+
+def test_a_tiny_experiment_runs_end_to_end(tiny_models, tiny_data, tmp_path, capsys):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "tiny", "description": "dense vs upcycled, tiny", "model": str(tiny_models["llama"]),
+        "build": {"method": "upcycle", "num_experts": 4, "top_k": 2},
+        "train": {"max_tokens": 8 * 32 * 3, "batch_size": 8, "micro_batch": 4, "lr": 3e-3, "warmup_steps": 1, "seed": 3, "eval_blocks": 2},
+        "arms": [{"name": "dense", "train": {}}, {"name": "upcycle", "build": {}, "train": {}},
+                 {"name": "split-at-init", "build": {"method": "random-split"}}],
+    }))
+    out = tmp_path / "out"
+    assert main(["experiment", str(spec), "--data", str(tiny_data), "--eval-tokens", "256", "--out", str(out)]) == 0
+    result = json.loads((out / "experiment.json").read_text())
+    arms = {a["name"]: a for a in result["arms"]}
+    assert arms["upcycle"]["init_max_abs_logit_diff"] <= 1e-4  # upcycling starts exactly at dense
+    assert arms["split-at-init"]["init_max_abs_logit_diff"] > 1e-3 and "tokens" not in arms["split-at-init"]
+    assert arms["dense"]["tokens"] == arms["upcycle"]["tokens"] == 8 * 32 * 3
+    assert arms["dense"]["seed"] == arms["upcycle"]["seed"] == 3
+    assert arms["upcycle"]["heldout_end"] < arms["upcycle"]["heldout_start"]  # it trained
+    assert (out / "loss.png").read_bytes()[:4] == (out / "bits_per_byte.png").read_bytes()[:4] == b"\x89PNG"
+    table = (out / "results.md").read_text()
+    assert "| upcycle |" in table and "| split-at-init |" in table
+    assert not (out / "arms" / "upcycle" / "run" / "model").exists()  # checkpoints removed, metrics kept
+    assert (out / "arms" / "upcycle" / "run" / "metrics.jsonl").is_file()
+
+
+def test_unknown_experiment_is_a_one_line_error(capsys):
+    assert main(["experiment", "nope"]) == 2
+    error = capsys.readouterr().err
+    assert "construction" in error and error.count("\n") == 1
