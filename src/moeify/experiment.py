@@ -98,7 +98,7 @@ def run_experiment(config: ExperimentConfig) -> dict:
         if arm.get("train") is not None:
             train_settings = {**shared_train, **arm["train"], "model": str(start), "data": str(data.path), "out": str(arm_dir / "run")}
             train_config = TrainConfig(**train_settings)
-            result = train(train_config, progress=False)
+            result = train(train_config)
             record.update(_run_summary(arm_dir / "run"), train=arm["train"], seed=train_config.seed, model=str(result.model_dir))
         else:
             record["model"] = str(start)
