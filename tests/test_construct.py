@@ -229,3 +229,15 @@ def test_trained_selection_bias_survives_the_deepseek_v3_format(tiny_models, tmp
     model.config.save_pretrained(exported)
     assert (logits_of(exported, IDS) - ours).abs().max() < 1e-4
     assert (logits_of(out, IDS) - ours).abs().max() > 1e-4  # the bias changed the routing
+
+
+def test_router_initialised_from_clustering_centroids(tiny_models, tmp_path, partitions):
+    path = partitions["clustering"].save(tmp_path / "p.safetensors")
+    out = build(BuildConfig(model=str(tiny_models["llama"]), out=tmp_path / "moe", partition=path, router_init="centroids"),
+                progress=False)
+    router = load_file(out / "model.safetensors")["model.layers.1.block_sparse_moe.gate.weight"]
+    assert torch.equal(router, partitions["clustering"].centroids[1])
+    with pytest.raises(MoeifyError, match="needs a clustering partition"):
+        build(BuildConfig(model=str(tiny_models["llama"]), out=tmp_path / "x", method="random-split", num_experts=4,
+                          router_init="centroids"), progress=False)
+    assert not (tmp_path / "x").exists()

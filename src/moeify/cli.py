@@ -20,12 +20,28 @@ FLAG_NAMES = {"num_experts": "experts"}
 BUILD_ONLY = {"model", "out", "max_shard_bytes", "force"}
 
 
+def _field_docs(schema) -> dict[str, str]:
+    """The string literal under each field of a dataclass (and its bases), as written in the source."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    for cls in reversed(schema.__mro__[:-1]):
+        body = ast.parse(inspect.getsource(cls)).body[0].body
+        for node, following in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr)
+                    and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str)):
+                docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
 def _add_dataclass_flags(parser: argparse.ArgumentParser, schema, skip: set[str] = frozenset()) -> None:
     """One flag per dataclass field; defaults are None so that only given flags override a recipe."""
     import dataclasses
     import typing
 
     hints = typing.get_type_hints(schema)
+    docs = _field_docs(schema)
     for f in dataclasses.fields(schema):
         if f.name in skip:
             continue
@@ -34,9 +50,11 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, schema, skip: set[str]
         inner = [a for a in typing.get_args(kind) if a is not type(None)]
         base = inner[0] if inner else kind
         if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, dest=f.name, default=None, help=f"(default {f.default})")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, dest=f.name, default=None,
+                                help=f"{docs.get(f.name, '')} (default {f.default})".strip())
         else:
-            parser.add_argument(flag, type=Path if base is Path else base, dest=f.name, default=None, help=f"(default {f.default})")
+            parser.add_argument(flag, type=Path if base is Path else base, dest=f.name, default=None,
+                                help=f"{docs.get(f.name, '')} (default {f.default})".strip())
 
 
 def _parser() -> argparse.ArgumentParser:
