@@ -137,13 +137,13 @@ def gradient_importance(model: torch.nn.Module, data: CalibrationData, groups_N:
 
     def hook(layer: int):
         def record(module, inputs):
-            h_BSF = inputs[0]
+            h_BSF = inputs[0].detach()  # the hook must not hold the graph's tensor: that cycle keeps every batch's graph alive
             groups_B = current["groups"]
 
             def accumulate(grad_BSF: torch.Tensor) -> None:
-                score_BF = (h_BSF.detach() * grad_BSF).abs().sum(dim=1).double()
+                score_BF = (h_BSF * grad_BSF).abs().sum(dim=1).double()
                 importance[:, layer].index_add_(0, groups_B, score_BF)
-            h_BSF.register_hook(accumulate)
+            inputs[0].register_hook(accumulate)
         return record
 
     handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(_down_proj_inputs(model))]
