@@ -8,13 +8,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from moeify.build import CARRIED_FILES
 from moeify.checkpoint.atomic import atomic_directory, check_output_dir
 from moeify.checkpoint.writer import ShardedWriter
 from moeify.errors import MoeifyError
 from moeify.modeling.hf import output_architecture_of, stock_state_dict
 from moeify.modeling.load import MANIFEST, load_moe_model, read_manifest
 
-CARRIED = ("tokenizer", "special_tokens_map", "chat_template", "generation_config", "vocab", "merges")
 TOLERANCE = 1e-4
 
 
@@ -40,7 +40,7 @@ def export_model(source: Path, out: Path, force: bool = False) -> tuple[Path, fl
         writer.close()
         model.config.save_pretrained(tmp)
         for file in sorted(source.iterdir()):
-            if file.is_file() and file.name.startswith(CARRIED):
+            if file.is_file() and CARRIED_FILES.match(file.name):
                 shutil.copyfile(file, tmp / file.name)
         (tmp / MANIFEST).write_text(json.dumps({**manifest, "format": arch.name, "exported_from": str(source)}, indent=2) + "\n")
         diff = _logit_difference(model, tmp)

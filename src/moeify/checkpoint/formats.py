@@ -143,6 +143,21 @@ def _mlp_tensors(prefix: str, gate: torch.Tensor, up: torch.Tensor, down: torch.
     return {f"{prefix}.gate_proj.weight": gate, f"{prefix}.up_proj.weight": up, f"{prefix}.down_proj.weight": down}
 
 
+def _empty_mlp(hidden_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gate, up, down) of a shared expert with no neurons: it adds exactly zero."""
+    return torch.zeros(0, hidden_size, dtype=dtype), torch.zeros(0, hidden_size, dtype=dtype), torch.zeros(hidden_size, 0, dtype=dtype)
+
+
+def _qwen_attention_reason(format_name: str, dense: PretrainedConfig) -> str | None:
+    """What keeps a Llama/Mistral attention out of the Qwen-style attention (q/k/v biases only, no
+    sliding window on every layer) that Qwen2-MoE and the DeepSeek-V3 format share."""
+    if dense.model_type == "llama" and getattr(dense, "attention_bias", False):
+        return f"{format_name} has no output-projection bias, but this model has attention_bias=true"
+    if dense.model_type == "mistral" and getattr(dense, "sliding_window", None):
+        return f"{format_name} has no sliding-window attention on every layer, as this Mistral model has"
+    return None
+
+
 class _PerExpertKeys(OutputArchitecture):
     def router_key(self, layer: int) -> str:
         return f"model.layers.{layer}.mlp.gate.weight"
@@ -184,11 +199,7 @@ class Qwen2Moe(_QwenMoe):
     shared_attribute = "shared_expert"
 
     def unsupported_reason(self, dense: PretrainedConfig, features: MoEFeatures = MoEFeatures()) -> str | None:
-        if dense.model_type == "llama" and getattr(dense, "attention_bias", False):
-            return "Qwen2-MoE has no output-projection bias, but this model has attention_bias=true"
-        if dense.model_type == "mistral" and getattr(dense, "sliding_window", None):
-            return "Qwen2-MoE does not slide its attention window on every layer as this Mistral model does"
-        return super().unsupported_reason(dense, features)
+        return _qwen_attention_reason("Qwen2-MoE", dense) or super().unsupported_reason(dense, features)
 
     def moe_fields(self, dense: PretrainedConfig, num_experts: int, top_k: int, expert_size: int, features: MoEFeatures) -> dict:
         # Qwen2 always has q/k/v biases, Llama and Mistral never. Qwen2-MoE always has a shared expert: an empty one adds zero.
@@ -200,7 +211,7 @@ class Qwen2Moe(_QwenMoe):
                       hidden_size: int, expert_size: int, num_experts: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         prefix = f"model.layers.{layer}.mlp.shared_expert"
         if shared is None:
-            shared = (torch.zeros(0, hidden_size, dtype=dtype),) * 2 + (torch.zeros(hidden_size, 0, dtype=dtype),)
+            shared = _empty_mlp(hidden_size, dtype)
         gate, up, down = shared
         # Qwen2-MoE gates its shared expert by sigmoid(x W); W = 0 gives 1/2, so the down projection
         # is doubled (exact in floating point) and the block starts as an ungated shared expert.
@@ -233,11 +244,7 @@ class DeepseekV3Style(_PerExpertKeys):
     def unsupported_reason(self, dense: PretrainedConfig, features: MoEFeatures = MoEFeatures()) -> str | None:
         if features.router.routing != "sigmoid-topk":
             return f"the DeepSeek-V3 format routes by sigmoid scores, not {features.router.routing}"
-        if dense.model_type == "llama" and getattr(dense, "attention_bias", False):
-            return "the DeepSeek-V3 format has no output-projection bias, but this model has attention_bias=true"
-        if dense.model_type == "mistral" and getattr(dense, "sliding_window", None):
-            return "the DeepSeek-V3 format has no sliding-window attention"
-        return super().unsupported_reason(dense, features)
+        return _qwen_attention_reason("the DeepSeek-V3 format", dense) or super().unsupported_reason(dense, features)
 
     def moe_fields(self, dense: PretrainedConfig, num_experts: int, top_k: int, expert_size: int, features: MoEFeatures) -> dict:
         rope = dict(dense.rope_parameters or {})
@@ -268,7 +275,7 @@ class DeepseekV3Style(_PerExpertKeys):
     def layer_tensors(self, layer: int, shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
                       hidden_size: int, expert_size: int, num_experts: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         if shared is None:  # no shared expert: n_shared_experts = 0 and empty tensors
-            shared = (torch.zeros(0, hidden_size, dtype=dtype),) * 2 + (torch.zeros(hidden_size, 0, dtype=dtype),)
+            shared = _empty_mlp(hidden_size, dtype)
         # The stock shared block holds n_shared * expert_size neurons; zero neurons pad it and add nothing.
         gate, up, down = shared
         pad = -gate.shape[0] % expert_size
