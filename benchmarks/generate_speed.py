@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moeify.build import BuildConfig, build
+from moeify.build import build, build_config
 from moeify.checkpoint.resolve import cache_dir, resolve_model
 
 
@@ -26,7 +26,7 @@ def main() -> None:
     dense = resolve_model("smollm2-135m")
     moe = cache_dir() / "bench" / "smollm2-upcycle-8x2"
     if not (moe / "config.json").exists():
-        build(BuildConfig(model="smollm2-135m", out=moe, method="upcycle", num_experts=8, top_k=2, force=True))
+        build(build_config(model="smollm2-135m", out=moe, method="upcycle", num_experts=8, top_k=2, force=True))
     tokenizer = AutoTokenizer.from_pretrained(dense)
     ids = tokenizer("The history of the Python programming language", return_tensors="pt")["input_ids"]
     models = {name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval() for name, path in (("dense", dense), ("upcycle-8x2", moe))}

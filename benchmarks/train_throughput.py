@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from moeify.build import BuildConfig, build
+from moeify.build import build, build_config
 from moeify.checkpoint.resolve import cache_dir, resolve_model
 from moeify.data.prepare import PrepareConfig, prepare
 from moeify.train.config import TrainConfig
@@ -41,7 +41,7 @@ def main() -> None:
     dense = resolve_model("smollm2-135m")
     moe = cache_dir() / "bench" / "smollm2-upcycle-8x2"
     if not (moe / "config.json").exists():
-        build(BuildConfig(model="smollm2-135m", out=moe, method="upcycle", num_experts=8, top_k=2, force=True))
+        build(build_config(model="smollm2-135m", out=moe, method="upcycle", num_experts=8, top_k=2, force=True))
     data = prepare(PrepareConfig("smollm2-135m", seq_len=args.seq_len), progress=False).path
     results = {name: measure(path, data, args.steps, args.batch, args.seq_len) for name, path in [("dense", dense), ("upcycle-8x2", moe)]}
     slowdown = results["dense"]["tokens_per_s"] / results["upcycle-8x2"]["tokens_per_s"]

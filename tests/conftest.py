@@ -71,10 +71,10 @@ def logits_of(path: Path, input_ids: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="session")
 def tiny_moe(tiny_models, tmp_path_factory) -> Path:
     """A 4-expert top-2 random-split MoE of the tiny Llama, with a tokenizer."""
-    from moeify.build import BuildConfig, build
+    from moeify.build import build, build_config
 
     out = tmp_path_factory.mktemp("moe") / "llama-moe"
-    return build(BuildConfig(model=str(tiny_models["llama"]), out=out, method="random-split", num_experts=4, top_k=2, router_std=0.1), progress=False)
+    return build(build_config(model=str(tiny_models["llama"]), out=out, method="random-split", num_experts=4, top_k=2, router_std=0.1), progress=False)
 
 
 @pytest.fixture(scope="session")

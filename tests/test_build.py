@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
-from moeify.build import BuildConfig, build
+from moeify.build import build, build_config
 from tests.conftest import logits_of, save_tiny
 
 INPUT_IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -23,7 +23,7 @@ EXPECTED_ARCH = {
 
 @pytest.mark.parametrize("family", list(EXPECTED_ARCH))
 def test_upcycle_reproduces_dense_logits_after_reload(family, tiny_models, tmp_path):
-    out = build(BuildConfig(model=str(tiny_models[family]), out=tmp_path / "moe", method="upcycle", num_experts=4, top_k=2), progress=False)
+    out = build(build_config(model=str(tiny_models[family]), out=tmp_path / "moe", method="upcycle", num_experts=4, top_k=2), progress=False)
     config = AutoConfig.from_pretrained(out)
     assert config.architectures == [EXPECTED_ARCH[family]]
     dense, moe = logits_of(tiny_models[family], INPUT_IDS), logits_of(out, INPUT_IDS)
@@ -33,13 +33,13 @@ def test_upcycle_reproduces_dense_logits_after_reload(family, tiny_models, tmp_p
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_random_split_with_all_experts_and_scale_E_equals_dense(family, tiny_models, tmp_path):
     # k = E with a zero router gives every expert weight 1/E, so scale E restores the dense sum.
-    config = BuildConfig(model=str(tiny_models[family]), out=tmp_path / "moe", method="random-split", num_experts=4, top_k=4, router_std=0.0, scale=4.0)
+    config = build_config(model=str(tiny_models[family]), out=tmp_path / "moe", method="random-split", num_experts=4, top_k=4, router_std=0.0, scale=4.0)
     out = build(config, progress=False)
     assert (logits_of(out, INPUT_IDS) - logits_of(tiny_models[family], INPUT_IDS)).abs().max() <= 1e-4
 
 
 def test_random_split_partitions_every_neuron_once(tiny_models, tmp_path):
-    out = build(BuildConfig(model=str(tiny_models["llama"]), out=tmp_path / "moe", method="random-split", num_experts=4, top_k=2), progress=False)
+    out = build(build_config(model=str(tiny_models["llama"]), out=tmp_path / "moe", method="random-split", num_experts=4, top_k=2), progress=False)
     dense = safe_open(str(tiny_models["llama"] / "model.safetensors"), "pt")
     moe = safe_open(str(out / "model.safetensors"), "pt")
     up = dense.get_tensor("model.layers.1.mlp.up_proj.weight")
@@ -57,7 +57,7 @@ def _file_bytes(directory: Path) -> dict[str, bytes]:
 
 def test_same_seed_gives_byte_identical_output_and_other_seed_differs(tiny_models, tmp_path):
     make = lambda name, seed: build(  # noqa: E731
-        BuildConfig(model=str(tiny_models["llama"]), out=tmp_path / name, method="random-split", num_experts=4, top_k=2, seed=seed, max_shard_bytes=40_000),
+        build_config(model=str(tiny_models["llama"]), out=tmp_path / name, method="random-split", num_experts=4, top_k=2, seed=seed, max_shard_mb=40_000 / (1 << 20)),
         progress=False,
     )
     first, second = _file_bytes(make("a", 1)), _file_bytes(make("b", 1))
@@ -78,7 +78,7 @@ def test_sharded_dense_input_and_sharded_output_load(tmp_path):
 
     dense = save_tiny(TINY_CONFIGS["llama"](), tmp_path / "dense", max_shard_size="50KB")
     assert (dense / "model.safetensors.index.json").exists()
-    out = build(BuildConfig(model=str(dense), out=tmp_path / "moe", method="upcycle", num_experts=4, top_k=2, max_shard_bytes=100_000), progress=False)
+    out = build(build_config(model=str(dense), out=tmp_path / "moe", method="upcycle", num_experts=4, top_k=2, max_shard_mb=100_000 / (1 << 20)), progress=False)
     assert (out / "model.safetensors.index.json").exists()
     assert (logits_of(out, INPUT_IDS) - logits_of(dense, INPUT_IDS)).abs().max() <= 1e-4
     assert not list(tmp_path.glob(".moe.tmp-*")), "temporary directory left behind"

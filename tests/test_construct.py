@@ -7,10 +7,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import logits_of
-from moeify.build import BuildConfig, build
+from moeify.build import build, build_config
 from moeify.checkpoint.dense import DenseCheckpoint
 from moeify.cli import main
-from moeify.construct import ConstructionPlan, MethodOptions, Partition
+from moeify.construct import ConstructionPlan, Partition
+from moeify.schema import from_flat
+from moeify.construct import ConstructionConfig
 from moeify.construct.kmeans import balanced_kmeans
 from moeify.errors import MoeifyError
 from moeify.modeling.load import load_moe_model
@@ -24,8 +26,11 @@ IDS = torch.randint(320, (2, 24), generator=torch.Generator().manual_seed(1))
 def partitions(tiny_models) -> dict[str, Partition]:
     dense = DenseCheckpoint(tiny_models["llama"])
     methods = INDEPENDENT + ["sharing-inner", "sharing-inter"]
-    return {m: ConstructionPlan.make_partition(dense, MethodOptions(method=m, num_experts=4, shared_size=16 if m == "sharing-inter" else None,
-                                                                    **CALIBRATION), progress=False) for m in methods}
+    def partition(method: str) -> Partition:
+        settings = dict(method=method, num_experts=4, shared_size=16 if method == "sharing-inter" else None, **CALIBRATION)
+        return ConstructionPlan.make(dense, from_flat(ConstructionConfig, settings), progress=False).make_partition(dense)
+
+    return {m: partition(m) for m in methods}
 
 
 @pytest.mark.parametrize("method", INDEPENDENT)
@@ -62,7 +67,7 @@ def test_partition_files_are_deterministic_under_a_seed(tiny_models, tmp_path, m
 
 def test_build_from_a_partition_file_uses_its_groups(tiny_models, tmp_path, partitions):
     path = partitions["clustering"].save(tmp_path / "p.safetensors")
-    out = build(BuildConfig(model=str(tiny_models["llama"]), out=tmp_path / "moe", partition=path, top_k=2), progress=False)
+    out = build(build_config(model=str(tiny_models["llama"]), out=tmp_path / "moe", partition=path, top_k=2), progress=False)
     tensors = load_file(out / "model.safetensors")
     dense_up = DenseCheckpoint(tiny_models["llama"]).get("model.layers.1.mlp.up_proj.weight")
     neurons = partitions["clustering"].experts[1][2]
@@ -81,11 +86,11 @@ def test_balanced_kmeans_recovers_planted_equal_clusters():
 
 
 def test_drop_upcycle_with_ratio_zero_equals_upcycle(tiny_models, tmp_path):
-    upcycle = build(BuildConfig(model=str(tiny_models["llama"]), out=tmp_path / "u", method="upcycle", num_experts=4), progress=False)
-    drop0 = build(BuildConfig(model=str(tiny_models["llama"]), out=tmp_path / "d0", method="drop-upcycle", num_experts=4,
+    upcycle = build(build_config(model=str(tiny_models["llama"]), out=tmp_path / "u", method="upcycle", num_experts=4), progress=False)
+    drop0 = build(build_config(model=str(tiny_models["llama"]), out=tmp_path / "d0", method="drop-upcycle", num_experts=4,
                               drop_ratio=0.0), progress=False)
     assert (upcycle / "model.safetensors").read_bytes() == (drop0 / "model.safetensors").read_bytes()
-    drop = build(BuildConfig(model=str(tiny_models["llama"]), out=tmp_path / "d", method="drop-upcycle", num_experts=4,
+    drop = build(build_config(model=str(tiny_models["llama"]), out=tmp_path / "d", method="drop-upcycle", num_experts=4,
                              drop_ratio=0.5), progress=False)
     up, dropped = load_file(upcycle / "model.safetensors"), load_file(drop / "model.safetensors")
     key = "model.layers.0.block_sparse_moe.experts.{}.w1.weight"
@@ -95,7 +100,7 @@ def test_drop_upcycle_with_ratio_zero_equals_upcycle(tiny_models, tmp_path):
 
 
 def test_noise_upcycle_breaks_symmetry_by_the_asked_amount(tiny_models, tmp_path):
-    out = build(BuildConfig(model=str(tiny_models["llama"]), out=tmp_path / "n", method="noise-upcycle", num_experts=4,
+    out = build(build_config(model=str(tiny_models["llama"]), out=tmp_path / "n", method="noise-upcycle", num_experts=4,
                             noise_std=0.1), progress=False)
     tensors = load_file(out / "model.safetensors")
     dense = DenseCheckpoint(tiny_models["llama"]).get("model.layers.0.mlp.gate_proj.weight")
@@ -110,7 +115,7 @@ def _logits(path):
 
 
 def test_granular_upcycle_top_k_equal_to_granularity_reproduces_dense(tiny_models, tmp_path):
-    out = build(BuildConfig(model=str(tiny_models["llama"]), out=tmp_path / "g", method="granular-upcycle", num_experts=8,
+    out = build(build_config(model=str(tiny_models["llama"]), out=tmp_path / "g", method="granular-upcycle", num_experts=8,
                             granularity=4, top_k=4), progress=False)
     router = load_file(out / "model.safetensors")["model.layers.0.block_sparse_moe.gate.weight"]
     assert torch.equal(router[0], router[3]) and not torch.equal(router[3], router[4])  # virtual groups of G rows
@@ -121,7 +126,7 @@ def test_granular_weight_scaled_softmax_then_top_k_matches_the_predicted_scale(t
     # With every expert selected, softmax-then-top-k weights are the probabilities p; slices of one
     # copy share p_c, sum_c G p_c = 1, so output = s * sum_c p_c * FFN = s/G * FFN. The formula's
     # s = copies * G^2 / k = G (k = E) predicts exactly the dense output: fp32 rounding only.
-    out = build(BuildConfig(model=str(tiny_models["llama"]), out=tmp_path / "g", method="granular-upcycle", num_experts=8,
+    out = build(build_config(model=str(tiny_models["llama"]), out=tmp_path / "g", method="granular-upcycle", num_experts=8,
                             granularity=4, top_k=8, routing="softmax-topk", renormalize=False, router_std=0.5), progress=False)
     manifest = json.loads((out / "moeify.json").read_text())
     assert manifest["scale"] == 4.0 and manifest["architecture"] == "Qwen2MoeForCausalLM"
@@ -140,7 +145,7 @@ EXPORTS = [
 
 @pytest.mark.parametrize("family,settings,architecture", EXPORTS, ids=[f"{f}-{a}-{i}" for i, (f, _, a) in enumerate(EXPORTS)])
 def test_each_format_reloads_in_stock_transformers_with_moeify_logits(tiny_models, tmp_path, family, settings, architecture):
-    out = build(BuildConfig(model=str(tiny_models[family]), out=tmp_path / "m", num_experts=4, top_k=2, router_std=0.5, **settings),
+    out = build(build_config(model=str(tiny_models[family]), out=tmp_path / "m", num_experts=4, top_k=2, router_std=0.5, **settings),
                 progress=False)
     assert json.loads((out / "config.json").read_text())["architectures"] == [architecture]
     ours = _logits(out)
@@ -149,13 +154,13 @@ def test_each_format_reloads_in_stock_transformers_with_moeify_logits(tiny_model
 
 
 def test_sigmoid_routed_upcycle_in_deepseek_v3_format_starts_at_dense(tiny_models, tmp_path):
-    out = build(BuildConfig(model=str(tiny_models["llama"]), out=tmp_path / "m", method="upcycle", num_experts=4,
+    out = build(build_config(model=str(tiny_models["llama"]), out=tmp_path / "m", method="upcycle", num_experts=4,
                             routing="sigmoid-topk"), progress=False)
     assert (logits_of(out, IDS) - logits_of(tiny_models["llama"], IDS)).abs().max() < 1e-4
 
 
 def test_mlp_gate_stays_in_moeify_format_and_export_refuses_it(tiny_models, tmp_path, capsys):
-    out = build(BuildConfig(model=str(tiny_models["llama"]), out=tmp_path / "m", method="random-split", num_experts=4,
+    out = build(build_config(model=str(tiny_models["llama"]), out=tmp_path / "m", method="random-split", num_experts=4,
                             gate="mlp", router_std=0.5), progress=False)
     assert json.loads((out / "moeify.json").read_text())["format"] == "moeify"
     model, blocks = load_moe_model(out)
@@ -165,7 +170,7 @@ def test_mlp_gate_stays_in_moeify_format_and_export_refuses_it(tiny_models, tmp_
     error = capsys.readouterr().err
     assert "mlp gate" in error and error.count("\n") == 1
     assert not (tmp_path / "exported").exists()
-    linear = build(BuildConfig(model=str(tiny_models["llama"]), out=tmp_path / "l", method="random-split", num_experts=4),
+    linear = build(build_config(model=str(tiny_models["llama"]), out=tmp_path / "l", method="random-split", num_experts=4),
                    progress=False)
     assert main(["export", str(linear), "--out", str(tmp_path / "exported")]) == 0
     assert (logits_of(tmp_path / "exported", IDS) - _logits(linear)).abs().max() < 1e-4
@@ -213,7 +218,7 @@ def test_trained_selection_bias_survives_the_deepseek_v3_format(tiny_models, tmp
     from moeify.checkpoint.writer import ShardedWriter
     from moeify.modeling.hf import stock_state_dict
 
-    out = build(BuildConfig(model=str(tiny_models["qwen2"]), out=tmp_path / "m", method="random-split", num_experts=4,
+    out = build(build_config(model=str(tiny_models["qwen2"]), out=tmp_path / "m", method="random-split", num_experts=4,
                             routing="sigmoid-topk", router_std=0.5), progress=False)
     model, blocks = load_moe_model(out)
     with torch.no_grad():
@@ -233,11 +238,11 @@ def test_trained_selection_bias_survives_the_deepseek_v3_format(tiny_models, tmp
 
 def test_router_initialised_from_clustering_centroids(tiny_models, tmp_path, partitions):
     path = partitions["clustering"].save(tmp_path / "p.safetensors")
-    out = build(BuildConfig(model=str(tiny_models["llama"]), out=tmp_path / "moe", partition=path, router_init="centroids"),
+    out = build(build_config(model=str(tiny_models["llama"]), out=tmp_path / "moe", partition=path, router_init="centroids"),
                 progress=False)
     router = load_file(out / "model.safetensors")["model.layers.1.block_sparse_moe.gate.weight"]
     assert torch.equal(router, partitions["clustering"].centroids[1])
-    with pytest.raises(MoeifyError, match="needs a clustering partition"):
-        build(BuildConfig(model=str(tiny_models["llama"]), out=tmp_path / "x", method="random-split", num_experts=4,
+    with pytest.raises(MoeifyError, match="centroids is not available with --method random-split"):
+        build(build_config(model=str(tiny_models["llama"]), out=tmp_path / "x", method="random-split", num_experts=4,
                           router_init="centroids"), progress=False)
     assert not (tmp_path / "x").exists()

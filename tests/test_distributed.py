@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,13 @@ from moeify.train.loop import train
 from tests.conftest import train_config
 
 STEPS = 6
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback now (the OS picks it), for a rendezvous without torchrun."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def run_group(command: list[str], timeout: float) -> subprocess.CompletedProcess:

@@ -44,7 +44,7 @@ def test_activation_not_silu(capsys, tmp_path):
 
 def test_ffn_not_divisible(capsys, tiny_models, tmp_path):
     _fails(capsys, _build(tiny_models["llama"], tmp_path / "out", "--method", "random-split", "--experts", "7"),
-           "96", "not divisible", "--experts 7")
+           "96", "not divisible", "--num-experts 7")
     _nothing_written(tmp_path / "out")
 
 
@@ -53,7 +53,7 @@ def test_more_experts_than_neurons(capsys, tiny_models, tmp_path):
            "larger than the FFN size")
 
 
-@pytest.mark.parametrize("top_k, fragment", [("9", "larger than --experts"), ("0", "at least 1")])
+@pytest.mark.parametrize("top_k, fragment", [("9", "larger than --num-experts"), ("0", "at least 1")])
 def test_bad_top_k(capsys, tiny_models, tmp_path, top_k, fragment):
     _fails(capsys, _build(tiny_models["llama"], tmp_path / "out", "--experts", "8", "--top-k", top_k), "--top-k", fragment)
     _nothing_written(tmp_path / "out")

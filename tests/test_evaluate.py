@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from moeify.build import BuildConfig, build
+from moeify.build import build, build_config
 from moeify.cli import main
 from moeify.errors import MoeifyError
 from moeify.evaluate.lm_eval_bridge import run_lm_eval
@@ -63,7 +63,7 @@ def test_bits_per_byte_compares_models_with_different_tokenizers(tiny_models, te
 
 def test_routing_statistics_of_a_hand_set_router(tiny_models, text_source, tmp_path):
     # A zero router with k = E: every token picks every expert, router entropy is ln E.
-    moe = build(BuildConfig(model=str(tiny_models["llama"]), out=tmp_path / "moe", method="random-split", num_experts=4, top_k=4, router_std=0.0, scale=4.0), progress=False)
+    moe = build(build_config(model=str(tiny_models["llama"]), out=tmp_path / "moe", method="random-split", num_experts=4, top_k=4, router_std=0.0, scale=4.0), progress=False)
     report = evaluate(EvalConfig([str(moe), str(moe)], tmp_path / "eval", [text_source]), progress=False)
     routing = report["models"][0]["routing"]["prose"]
     tokens = report["models"][0]["domains"]["prose"]["tokens"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moeify.build import BuildConfig, build
+from moeify.build import build, build_config
 from moeify.checkpoint.writer import ShardedWriter
 from moeify.modeling.hf import attach_moe_blocks, stock_state_dict
 from tests.conftest import logits_of
@@ -14,7 +14,7 @@ INPUT_IDS = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_se
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "llama-tied"])
 def test_attached_blocks_match_stock_and_round_trip(family, tiny_models, tmp_path):
-    moe_dir = build(BuildConfig(model=str(tiny_models[family]), out=tmp_path / "moe", method="random-split", num_experts=4, top_k=2, router_std=0.5), progress=False)
+    moe_dir = build(build_config(model=str(tiny_models[family]), out=tmp_path / "moe", method="random-split", num_experts=4, top_k=2, router_std=0.5), progress=False)
     stock_logits = logits_of(moe_dir, INPUT_IDS)
     model = AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32).eval()
     blocks = attach_moe_blocks(model, dispatch="loop")

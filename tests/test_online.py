@@ -16,10 +16,17 @@ from moeify.errors import MoeifyError
 from moeify.modeling.hf import stock_state_dict
 from moeify.train.loop import train
 from tests.conftest import train_config
-from tests.test_distributed import run_group
+from tests.test_distributed import free_port, run_group
 
 # The tiny_moe fixture: random-split of the tiny Llama, 4 experts, top-2, router std 0.1, seed 0.
-ONLINE = dict(method="random-split", experts=4, top_k=2, router_std=0.1)
+ONLINE = dict(method="random-split", num_experts=4, top_k=2, router_std=0.1)
+
+
+def construction(**settings):
+    from moeify.construct import ConstructionConfig
+    from moeify.schema import from_flat
+
+    return from_flat(ConstructionConfig, settings)
 ONLINE_FLAGS = ["--method", "random-split", "--experts", "4", "--top-k", "2", "--router-std", "0.1"]
 
 
@@ -40,11 +47,11 @@ def _assert_same_as_offline(weights: dict, tiny_moe: Path) -> None:
 
 @pytest.mark.parametrize("family", ["llama", "llama-tied"])
 def test_one_process_online_build_equals_offline_build(family, tiny_models, tiny_data, tmp_path):
-    from moeify.build import BuildConfig, build
+    from moeify.build import build, build_config
 
-    offline = build(BuildConfig(model=str(tiny_models[family]), out=tmp_path / "offline", method="random-split", num_experts=4, top_k=2, router_std=0.1), progress=False)
-    config = train_config(offline, tiny_data, tmp_path / "run", from_dense=str(tiny_models[family]), **ONLINE)
-    train(config, progress=False, stop_after_steps=0)
+    offline = build(build_config(model=str(tiny_models[family]), out=tmp_path / "offline", method="random-split", num_experts=4, top_k=2, router_std=0.1), progress=False)
+    config = train_config(offline, tiny_data, tmp_path / "run", from_dense=str(tiny_models[family]))
+    train(config, construction(**ONLINE), progress=False, stop_after_steps=0)
     _assert_same_as_offline(_initial_weights(tmp_path / "run", AutoConfig.from_pretrained(offline)), offline)
 
 
@@ -83,15 +90,15 @@ def test_experts_not_divisible_by_ranks(tiny_models, tiny_data, tmp_path):
     result = _torchrun(tmp_path / "run", tiny_data, "--from-dense", str(tiny_models["llama"]), "--method", "random-split",
                        "--experts", "3", "--top-k", "1", check=False)
     assert result.returncode != 0
-    assert "moeify: error: --experts 3 cannot be split evenly over 2 ranks" in result.stderr
+    assert "moeify: error: --num-experts 3 cannot be split evenly over 2 ranks" in result.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before any training step
 
 
 def test_different_seeds_on_different_ranks(tiny_models, tiny_data, tmp_path):
-    processes = []
+    processes, port = [], free_port()
     for rank, seed in ((0, "1"), (1, "2")):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": "29617"}
+               "MASTER_PORT": str(port)}
         command = [sys.executable, "-m", "moeify", "train", "--from-dense", str(tiny_models["llama"]), "--data", str(tiny_data),
                    "--out", str(tmp_path / "run"), "--batch-size", "8", "--micro-batch", "2", "--max-tokens", "1024", "--seed", seed]
         processes.append(subprocess.Popen(command, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True))
@@ -107,20 +114,19 @@ def test_dense_checkpoint_missing_tensors(tiny_models, tiny_data, tmp_path):
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(MoeifyError, match="lacks model.layers.1.mlp.up_proj.weight"):
-        train(train_config(tiny_models["llama"], tiny_data, tmp_path / "run", from_dense=str(broken), **ONLINE), progress=False)
+        train(train_config(tiny_models["llama"], tiny_data, tmp_path / "run", from_dense=str(broken)), construction(**ONLINE), progress=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 @pytest.mark.parametrize("method,flags", [("clustering", []), ("granular-upcycle", ["--granularity", "2"])])
 def test_online_build_from_a_partition_file_equals_build(method, flags, tiny_models, tiny_data, tmp_path):
-    from moeify.build import BuildConfig, build
+    from moeify.build import build, build_config
     from moeify.cli import main
 
     dense = str(tiny_models["llama"])
     partition = tmp_path / "p.safetensors"
     assert main(["split", dense, "--method", method, "--experts", "4", *flags, "--out", str(partition)]) == 0
-    offline = build(BuildConfig(model=dense, out=tmp_path / "offline", partition=partition, top_k=2, router_std=0.1), progress=False)
-    config = train_config(offline, tiny_data, tmp_path / "run", from_dense=dense, experts=4, top_k=2, router_std=0.1,
-                          partition=str(partition))
-    train(config, progress=False, stop_after_steps=0)
+    offline = build(build_config(model=dense, out=tmp_path / "offline", partition=partition, top_k=2, router_std=0.1), progress=False)
+    config = train_config(offline, tiny_data, tmp_path / "run", from_dense=dense)
+    train(config, construction(num_experts=4, top_k=2, router_std=0.1, partition=str(partition)), progress=False, stop_after_steps=0)
     _assert_same_as_offline(_initial_weights(tmp_path / "run", AutoConfig.from_pretrained(offline)), offline)

@@ -13,6 +13,8 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from moeify.build import BuildConfig, build
+from moeify.checkpoint.manifest import Manifest
+from moeify.construct import ConstructionConfig
 from moeify.checkpoint.atomic import atomic_directory
 from moeify.checkpoint.resolve import resolve_model
 from moeify.construct import get_method
@@ -29,18 +31,32 @@ DEFAULT_METHODS = ("upcycle", "random-split", "clustering", "co-activation", "sh
 @dataclass
 class CompareInitConfig:
     model: str
-    out: Path
-    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    base: BuildConfig | None = None  # experts, top-k, seed, calibration and method options shared by every arm
+    """Dense model: a Hugging Face directory, a .gguf file, or an embedded name (smollm2-135m)."""
+    out: Path = Path("moeify-compare-init")
+    """Table, JSON and PNG go here."""
+    methods: str = ",".join(DEFAULT_METHODS)
+    """Comma-separated construction methods."""
+    construction: ConstructionConfig = field(default_factory=ConstructionConfig)
+    """Experts, top-k, seed, calibration (default embedded) and method options shared by every arm."""
     eval_tokens: int = 4096
+    """Held-out tokens scored per model."""
     block_size: int = 256
+    """Tokens per scored block."""
     force: bool = False
+    """Replace --out if it exists."""
+
+
+def run_compare_init(config: CompareInitConfig) -> str:
+    return f"{format_table(compare_init(config))}\nwrote {config.out}"
 
 
 def compare_init(config: CompareInitConfig, progress: bool = True) -> list[dict]:
-    for name in config.methods:
+    methods = [m.strip() for m in config.methods.split(",") if m.strip()]
+    for name in methods:
         get_method(name)
-    base = config.base or BuildConfig(model=config.model, out=config.out)
+    base = config.construction
+    if base.data.calibration is None:
+        base = replace(base, data=replace(base.data, calibration="embedded"))
     dense_dir = resolve_model(config.model)
     tokenizer = AutoTokenizer.from_pretrained(dense_dir)
     try:
@@ -49,15 +65,15 @@ def compare_init(config: CompareInitConfig, progress: bool = True) -> list[dict]
         raise MoeifyError(f"held-out text too short: {error}; lower --block-size") from None
     rows: list[dict] = []
     with atomic_directory(config.out, config.force) as tmp:
-        for name in ["dense", *config.methods]:
+        for name in ["dense", *methods]:
             if progress:
                 print(f"[compare-init] {name}", file=sys.stderr, flush=True)
             if name == "dense":
                 path, settings = dense_dir, {}
             else:
-                arm = replace(base, model=config.model, out=tmp / name, method=name, force=True)
-                path = build(arm, progress=progress)
-                settings = json.loads((path / "moeify.json").read_text())
+                path = build(BuildConfig(config.model, tmp / name, replace(base, method=name), force=True), progress=progress)
+                manifest = Manifest.read(path)
+                settings = {"expert_size": manifest.expert_size, "shared_size": manifest.shared_size, "scale": manifest.scale}
             model, _ = load_moe_model(path)
             scores = score_blocks(model.eval(), blocks)
             total, active = parameter_counts(model)
@@ -66,12 +82,12 @@ def compare_init(config: CompareInitConfig, progress: bool = True) -> list[dict]
                          "shared_size": settings.get("shared_size", 0), "scale": settings.get("scale")})
             del model
         settings = {"model": config.model, "num_experts": base.num_experts, "top_k": base.top_k, "seed": base.seed,
-                    "calibration": base.calibration, "eval_tokens": int(blocks.numel()), "heldout": "Python help topics (held out)"}
+                    "calibration": base.data.calibration, "eval_tokens": int(blocks.numel()), "heldout": "Python help topics (held out)"}
         (tmp / "compare-init.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
         (tmp / "compare-init.md").write_text(format_table(rows) + "\n")
         bar_chart({r["method"]: r["perplexity"] for r in rows}, f"Held-out perplexity at construction ({base.num_experts} experts, top-{base.top_k})",
                   "perplexity (log scale)", tmp / "compare-init.png", log=True)
-        for name in config.methods:  # the MoE checkpoints are large; the table, JSON and chart stay
+        for name in methods:  # the MoE checkpoints are large; the table, JSON and chart stay
             shutil.rmtree(tmp / name)
     return rows
 

@@ -10,7 +10,7 @@ import json
 import shutil
 import statistics
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ import yaml
 
 from moeify.build import BuildConfig, build
 from moeify.checkpoint.atomic import check_output_dir
+from moeify.construct import ConstructionConfig
 from moeify.checkpoint.resolve import resolve_model
 from moeify.data.packed import PackedDataset
 from moeify.data.prepare import PrepareConfig, prepare
@@ -27,17 +28,21 @@ from moeify.evaluate.run import EvalConfig, evaluate
 from moeify.modeling.load import load_moe_model
 from moeify.train.config import TrainConfig
 from moeify.train.loop import train
+from moeify.schema import from_flat, leaf_names, unknown_keys_error
 
-EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
-TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
-BUILD_KEYS = {f.name for f in fields(BuildConfig)} - {"model", "out", "force", "max_shard_bytes"}
+EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"  # package data: works from an installed moeify
+TRAIN_KEYS = leaf_names(TrainConfig) - {"model", "data", "out"}
+BUILD_KEYS = leaf_names(ConstructionConfig)
+DOCUMENT_KEYS = {"name", "description", "model", "build", "train", "arms"}
+ARM_KEYS = {"name", "build", "train"}
 
 
 @dataclass
 class ExperimentConfig:
     spec: str
-    """An experiments/ name or a YAML path."""
-    out: Path
+    """construction | scale | sampling | upcycle-vs-dense | capacity, or a .yaml path."""
+    out: Path | None = None
+    """Default: moeify-experiments/NAME."""
     model: str | None = None
     """Override the experiment's model."""
     max_tokens: int | None = None
@@ -54,12 +59,34 @@ def load_experiment(spec: str) -> dict:
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")))
         raise MoeifyError(f"no experiment {spec!r}; choose one of: {known} (or give a .yaml path)")
-    document = yaml.safe_load(path.read_text())
-    for arm in document.get("arms", []):
-        unknown = (set(arm.get("build") or {}) - BUILD_KEYS) | (set(arm.get("train") or {}) - TRAIN_KEYS)
-        if unknown:
-            raise MoeifyError(f"{path}: arm {arm.get('name')!r} has unknown setting(s) {', '.join(sorted(unknown))}")
+    try:
+        document = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise MoeifyError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("arms"), list) or "model" not in document:
+        raise MoeifyError(f"{path}: an experiment is a mapping with a model and a list of arms")
+    _refuse_unknown(set(document) - DOCUMENT_KEYS, DOCUMENT_KEYS, f"{path}")
+    _refuse_unknown(set(document.get("build") or {}) - BUILD_KEYS, BUILD_KEYS, f"{path} (build:)")
+    _refuse_unknown(set(document.get("train") or {}) - TRAIN_KEYS, TRAIN_KEYS, f"{path} (train:)")
+    for arm in document["arms"]:
+        if not isinstance(arm, dict) or "name" not in arm:
+            raise MoeifyError(f"{path}: every arm is a mapping with a name")
+        where = f"{path}, arm {arm['name']!r}"
+        _refuse_unknown(set(arm) - ARM_KEYS, ARM_KEYS, where)
+        _refuse_unknown(set(arm.get("build") or {}) - BUILD_KEYS, BUILD_KEYS, f"{where} (build:)")
+        _refuse_unknown(set(arm.get("train") or {}) - TRAIN_KEYS, TRAIN_KEYS, f"{where} (train:)")
     return document
+
+
+def _refuse_unknown(unknown: set[str], known: set[str], where: str) -> None:
+    if unknown:
+        raise unknown_keys_error(unknown, known, where)
+
+
+def run_experiment_command(config: ExperimentConfig) -> str:
+    out = config.out or Path("moeify-experiments") / Path(config.spec).stem
+    result = run_experiment(replace(config, out=out))
+    return f"{format_results(result)}\nwrote {out}"
 
 
 def _log(message: str) -> None:
@@ -93,11 +120,12 @@ def run_experiment(config: ExperimentConfig) -> dict:
         start = dense_dir
         if arm.get("build") is not None:
             settings = {**document.get("build", {}), **arm["build"]}
-            start = build(BuildConfig(model=model, out=arm_dir / "init", **settings), progress=False)
+            construction = from_flat(ConstructionConfig, settings, f"experiment {name!r} (build:)")
+            start = build(BuildConfig(model, arm_dir / "init", construction), progress=False)
         record = {"name": name, "build": arm.get("build"), "init_max_abs_logit_diff": (_logits(start, probe) - dense_logits).abs().max().item()}
         if arm.get("train") is not None:
             train_settings = {**shared_train, **arm["train"], "model": str(start), "data": str(data.path), "out": str(arm_dir / "run")}
-            train_config = TrainConfig(**train_settings)
+            train_config = from_flat(TrainConfig, train_settings, f"experiment {name!r} (train:)")
             result = train(train_config)
             record.update(_run_summary(arm_dir / "run"), train=arm["train"], seed=train_config.seed, model=str(result.model_dir))
         else:

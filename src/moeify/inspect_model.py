@@ -1,13 +1,31 @@
 """`moeify inspect`: what a dense model is, and what each construction method would make of it."""
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 
-from moeify.build import check_routing
 from moeify.checkpoint.dense import DenseCheckpoint
-from moeify.checkpoint.formats import architecture_for
+from moeify.checkpoint.formats import MoEFeatures, choose_format
 from moeify.checkpoint.resolve import resolve_model
-from moeify.construct import METHODS, MethodOptions
+from moeify.construct import METHODS, ConstructionConfig
+from moeify.construct.config import RouterOptions, check_routing
 from moeify.errors import MoeifyError
+
+
+@dataclass
+class InspectConfig:
+    model: str
+    """Dense model: a Hugging Face directory, a .gguf file or an embedded name (smollm2-135m)."""
+    num_experts: int = 8
+    """Routed experts E."""
+    top_k: int = 2
+    """Experts per token k."""
+    json: bool = False
+    """Print JSON instead of a table."""
+
+
+def run_inspect(config: InspectConfig) -> str:
+    report = inspect_model(config.model, config.num_experts, config.top_k)
+    return json.dumps(asdict(report), indent=2) if config.json else format_inspection(report)
 
 
 @dataclass
@@ -39,12 +57,12 @@ def inspect_model(model: str, num_experts: int = 8, top_k: int = 2) -> Inspectio
     L, D, F = dense.num_layers, dense.hidden_size, dense.ffn_size
     params = dense.parameter_count()
     try:
-        output_architecture = architecture_for(dense.config).architecture
+        output_architecture = choose_format(dense.config, MoEFeatures())[0].architecture
     except MoeifyError as error:
         output_architecture = f"none ({error})"
     plans = []
     for method in METHODS.values():
-        options = MethodOptions(method=method.name, num_experts=num_experts)
+        options = ConstructionConfig(method=method.name, num_experts=num_experts, router=RouterOptions(top_k=top_k))
         try:
             method.check(F, options)
             problem = "needs --calibration" if method.needs_calibration else None
@@ -76,7 +94,7 @@ def format_inspection(report: Inspection) -> str:
         "",
         f"F / E            {_division(report.ffn_size, report.num_experts)}",
         "",
-        f"with --experts {report.num_experts} --top-k {report.top_k} (embeddings counted in total and active):",
+        f"with --num-experts {report.num_experts} --top-k {report.top_k} (embeddings counted in total and active):",
         f"  {'method':<18}{'expert size':>12}{'total':>12}{'active':>12}  usable?",
     ]
     for plan in report.plans:
@@ -94,4 +112,4 @@ def _millions(count: int) -> str:
 def _division(ffn_size: int, num_experts: int) -> str:
     if ffn_size % num_experts == 0:
         return f"{ffn_size // num_experts} (divides)"
-    return f"{ffn_size / num_experts:.2f} (does not divide: splitting methods need another --experts)"
+    return f"{ffn_size / num_experts:.2f} (does not divide: splitting methods need another --num-experts)"

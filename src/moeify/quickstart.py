@@ -6,13 +6,15 @@ with the dense model on held-out text that ships with Python.
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moeify.build import BuildConfig, build
+from moeify.construct import ConstructionConfig
+from moeify.construct.config import RouterOptions
 from moeify.checkpoint.resolve import DEFAULT_MODEL, cache_dir, resolve_model
 from moeify.data.embedded import heldout_text
 from moeify.evaluate.generate import greedy, prompt_ids
@@ -23,12 +25,19 @@ from moeify.evaluate.perplexity import blocks_of, score_blocks
 @dataclass
 class QuickstartConfig:
     model: str = DEFAULT_MODEL
+    """Dense model (default: the embedded SmolLM2-135M-Instruct)."""
     work_dir: Path = field(default_factory=lambda: cache_dir() / "quickstart")
+    """Where the MoE checkpoints go (default: the moeify cache)."""
     num_experts: int = 8
+    """Routed experts E."""
     top_k: int = 2
-    split_scale: float = 4.0
+    """Experts per token k."""
+    split_scale: float | None = None
+    """Output scale of the random split; default E/k."""
     eval_tokens: int = 1024
+    """Held-out tokens scored."""
     block_size: int = 256
+    """Tokens per scored block."""
     prompt: str = "What is the capital of France?"
     max_new_tokens: int = 20
     seed: int = 0
@@ -53,7 +62,13 @@ def _log(message: str) -> None:
     print(f"[quickstart] {message}", file=sys.stderr, flush=True)
 
 
+def run_quickstart(config: QuickstartConfig) -> str:
+    return format_rows(quickstart(config), config.prompt)
+
+
 def quickstart(config: QuickstartConfig) -> list[Row]:
+    if config.split_scale is None:
+        config = replace(config, split_scale=config.num_experts / config.top_k)
     torch.manual_seed(config.seed)
     dense_dir = resolve_model(config.model)
     tokenizer = AutoTokenizer.from_pretrained(dense_dir)
@@ -64,12 +79,13 @@ def quickstart(config: QuickstartConfig) -> list[Row]:
     builds = {
         "dense": dense_dir,
         f"upcycle {config.num_experts}x top-{config.top_k}": BuildConfig(
-            model=config.model, out=config.work_dir / "upcycle", method="upcycle", num_experts=config.num_experts,
-            top_k=config.top_k, seed=config.seed, force=True,
+            config.model, config.work_dir / "upcycle", force=True,
+            construction=ConstructionConfig("upcycle", config.num_experts, config.seed, router=RouterOptions(config.top_k)),
         ),
         f"random-split {config.num_experts}/top-{config.top_k} s={config.split_scale:g}": BuildConfig(
-            model=config.model, out=config.work_dir / "random-split", method="random-split", num_experts=config.num_experts,
-            top_k=config.top_k, seed=config.seed, scale=config.split_scale, force=True,
+            config.model, config.work_dir / "random-split", force=True,
+            construction=ConstructionConfig("random-split", config.num_experts, config.seed, config.split_scale,
+                                            router=RouterOptions(config.top_k)),
         ),
     }
     split_name = list(builds)[-1]

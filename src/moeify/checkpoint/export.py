@@ -1,52 +1,63 @@
 """`moeify export`: write an MoE that moeify built or trained as a stock transformers checkpoint,
 verified by reloading it with stock transformers and comparing logits with moeify's model."""
 
-import json
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from moeify.build import CARRIED_FILES
-from moeify.checkpoint.atomic import atomic_directory, check_output_dir
-from moeify.checkpoint.writer import ShardedWriter
+from moeify.checkpoint.formats import format_of_model_type
+from moeify.checkpoint.manifest import Manifest
+from moeify.checkpoint.writer import write_checkpoint
 from moeify.errors import MoeifyError
-from moeify.modeling.hf import output_architecture_of, stock_state_dict
-from moeify.modeling.load import MANIFEST, load_moe_model, read_manifest
+from moeify.modeling.hf import stock_state_dict
+from moeify.modeling.load import load_moe_model
 
 TOLERANCE = 1e-4
 
 
+@dataclass
+class ExportConfig:
+    model: str
+    """A built MoE directory or a training run."""
+    out: Path
+    """Output directory (created atomically)."""
+    force: bool = False
+    """Replace --out if it exists."""
+
+
+def run_export(config: ExportConfig) -> str:
+    from moeify.evaluate.models import check_model
+
+    out, diff = export_model(check_model(config.model), config.out, config.force)
+    return f"wrote {out} (stock reload: max |logit diff| {diff:.1e})"
+
+
 def export_model(source: Path, out: Path, force: bool = False) -> tuple[Path, float]:
     """The exported directory and the max |logit difference| between it (stock) and moeify's model."""
-    check_output_dir(out, force)
-    manifest = read_manifest(source)
-    gate = manifest.get("router", {}).get("gate", "linear")
-    if gate != "linear":
+    manifest = Manifest.read(source)
+    if manifest is not None and manifest.gate != "linear":
         raise MoeifyError(
-            f"cannot export {source}: its router is moeify's {gate} gate (Linear-tanh-Linear), which no stock transformers "
+            f"cannot export {source}: its router is moeify's {manifest.gate} gate (Linear-tanh-Linear), which no stock transformers "
             "architecture represents; it stays in moeify's format (moeify train/eval/generate load it), or rebuild with --gate linear"
         )
     model, blocks = load_moe_model(source)
-    if not blocks:
-        raise MoeifyError(f"{source} is a dense model; there is nothing to export (build an MoE first)")
-    arch = output_architecture_of(model.config)
+    if not blocks or manifest is None:
+        raise MoeifyError(f"{source} is not an MoE that moeify made; there is nothing to export (build an MoE first)")
+    fmt = format_of_model_type(model.config.model_type)
     tensors = stock_state_dict(model.state_dict(), model.config)
-    with atomic_directory(out, force) as tmp:
-        writer = ShardedWriter(tmp)
-        for name in sorted(tensors):
-            writer.add(name, tensors[name])
-        writer.close()
-        model.config.save_pretrained(tmp)
-        for file in sorted(source.iterdir()):
-            if file.is_file() and CARRIED_FILES.match(file.name):
-                shutil.copyfile(file, tmp / file.name)
-        (tmp / MANIFEST).write_text(json.dumps({**manifest, "format": arch.name, "exported_from": str(source)}, indent=2) + "\n")
-        diff = _logit_difference(model, tmp)
-        if diff > TOLERANCE:
-            raise MoeifyError(f"the exported {arch.architecture} differs from moeify's model (max |logit diff| {diff:.2e}); nothing written")
-    return out, diff
+    difference: dict[str, float] = {}
+
+    def check(directory: Path) -> None:
+        difference["max"] = _logit_difference(model, directory)
+        if difference["max"] > TOLERANCE:
+            raise MoeifyError(f"the exported {fmt.architecture} differs from moeify's model "
+                              f"(max |logit diff| {difference['max']:.2e}); nothing written")
+
+    write_checkpoint(out, sorted(tensors.items()), model.config, source, manifest.replace(format=fmt.name, exported_from=str(source)),
+                     force, check=check)
+    return out, difference["max"]
 
 
 @torch.no_grad()

@@ -1,10 +1,18 @@
-"""Write a model tensor by tensor into safetensors shards, holding at most one shard in memory."""
+"""Write a model tensor by tensor into safetensors shards, holding at most one shard in memory; and the
+one writer of whole model directories."""
 
 import json
+import re
+import shutil
 import struct
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+from transformers import PretrainedConfig
+
+from moeify.checkpoint.atomic import atomic_directory
+from moeify.checkpoint.manifest import Manifest
 
 DEFAULT_SHARD_BYTES = 1 << 30
 _DTYPE_NAMES = {
@@ -76,3 +84,30 @@ class ShardedWriter:
             index_doc = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             (self.directory / "model.safetensors.index.json").write_text(json.dumps(index_doc, indent=2) + "\n")
         return final
+
+
+# Files of a model directory that describe the tokenizer or generation and travel unchanged.
+CARRIED_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|chat_template\.(jinja|json)|generation_config\.json|.*\.model|vocab\.json|merges\.txt)$")
+
+
+def write_checkpoint(out: Path, tensors: Iterable[tuple[str, torch.Tensor]], config: PretrainedConfig, carried_from: Path,
+                     manifest: Manifest | None, force: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                     check: Callable[[Path], None] | None = None) -> Path:
+    """The one way a model directory is written (build, export, the end of training): safetensors
+    shards (+ index), config.json, the tokenizer and generation files of `carried_from`, moeify.json
+    (MoE models).
+    Written into a temporary sibling and renamed only when complete; `check(tmp)` may refuse it first."""
+    with atomic_directory(out, force) as tmp:
+        writer = ShardedWriter(tmp, max_shard_bytes)
+        for name, tensor in tensors:
+            writer.add(name, tensor)
+        writer.close()
+        config.save_pretrained(tmp)
+        for file in sorted(Path(carried_from).iterdir()):
+            if file.is_file() and CARRIED_FILES.match(file.name):
+                shutil.copyfile(file, tmp / file.name)
+        if manifest is not None:
+            manifest.write(tmp)
+        if check is not None:
+            check(tmp)
+    return out

@@ -1,5 +1,8 @@
-from moeify.construct.methods import ConstructionMethod, MethodOptions
+from moeify.construct.config import ConstructionConfig
+from moeify.construct.methods import ConstructionMethod
 from moeify.construct.partition import Partition
-from moeify.construct.plan import METHODS, ConstructionPlan, expert_weights, get_method
+from moeify.construct.plan import ConstructionPlan, expert_weights
+from moeify.construct.registry import METHODS, get_method, register_method
 
-__all__ = ["METHODS", "ConstructionMethod", "ConstructionPlan", "MethodOptions", "Partition", "expert_weights", "get_method"]
+__all__ = ["METHODS", "ConstructionConfig", "ConstructionMethod", "ConstructionPlan", "Partition", "expert_weights", "get_method",
+           "register_method"]

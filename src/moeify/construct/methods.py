@@ -7,42 +7,12 @@ the others (clustering, co-activation, gradient importance: construct/splits.py)
 Partition, which `moeify split` saves to a file.
 """
 
-from dataclasses import dataclass
-
 import torch
 
+from moeify.construct.config import ConstructionConfig
 from moeify.construct.seeding import PARTITION_STREAM, expert_generator, layer_generator
 from moeify.errors import MoeifyError
 from moeify.modeling.router import RouterSpec
-
-
-@dataclass
-class MethodOptions:
-    method: str = "upcycle"
-    """upcycle | random-split | clustering | co-activation | sharing-inner | sharing-inter | gradient-greedy
-    | granular-upcycle | drop-upcycle | noise-upcycle."""
-    num_experts: int = 8
-    seed: int = 0
-    expert_size: int | None = None
-    """Neurons per routed expert (sharing methods; default: what tiles the FFN)."""
-    shared_size: int | None = None
-    """Neurons of the always-active shared expert (random-split, sharing-inter)."""
-    granularity: int = 1
-    """granular-upcycle: slices G per copy of the FFN; experts = copies x G."""
-    drop_ratio: float = 0.5
-    """drop-upcycle: fraction of each expert's neurons re-initialised."""
-    noise_std: float = 0.01
-    """noise-upcycle: Gaussian noise, relative to each weight matrix's standard deviation."""
-    cluster_on: str = "up"
-    """clustering: the rows clustered, up or gate."""
-    restarts: int = 1
-    """clustering: k-means++ starts per layer (the best objective is kept)."""
-    calibration: str | None = None
-    """Calibration text: 'embedded' or DOMAIN=PATH[,DOMAIN=PATH...] (data-driven methods)."""
-    calibration_tokens: int = 16384
-    calibration_seq_len: int = 256
-    graph_density: float = 0.1
-    """co-activation: fraction of neuron pairs kept as graph edges (the strongest)."""
 
 
 class ConstructionMethod:
@@ -50,30 +20,31 @@ class ConstructionMethod:
     description: str = ""
     needs_calibration: bool = False
     layerwise: bool = True  # computes each layer alone, from the options only
+    router_inits: tuple[str, ...] = ("normal",)  # what --router-init may choose ("auto" picks default_router_init)
 
-    def check(self, ffn_size: int, options: MethodOptions) -> None:
+    def check(self, ffn_size: int, options: ConstructionConfig) -> None:
         """Raise MoeifyError if this method cannot make these experts from an FFN of ffn_size."""
         if options.num_experts > ffn_size:
-            raise MoeifyError(f"--experts {options.num_experts} is larger than the FFN size {ffn_size}; use at most {ffn_size} experts")
+            raise MoeifyError(f"--num-experts {options.num_experts} is larger than the FFN size {ffn_size}; use at most {ffn_size} experts")
 
-    def shared_size(self, ffn_size: int, options: MethodOptions) -> int:
+    def shared_size(self, ffn_size: int, options: ConstructionConfig) -> int:
         return 0
 
-    def expert_size(self, ffn_size: int, options: MethodOptions) -> int:
+    def expert_size(self, ffn_size: int, options: ConstructionConfig) -> int:
         raise NotImplementedError
 
-    def default_scale(self, ffn_size: int, options: MethodOptions, top_k: int, router: RouterSpec) -> float:
+    def default_scale(self, ffn_size: int, options: ConstructionConfig, top_k: int, router: RouterSpec) -> float:
         """Expert output scale: routed neurons over the neurons k experts hold (E/k for an equal split)."""
         return (ffn_size - self.shared_size(ffn_size, options)) / (top_k * self.expert_size(ffn_size, options))
 
     def default_router_init(self) -> str:
         return "normal"
 
-    def layer_partition(self, ffn_size: int, options: MethodOptions, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer_partition(self, ffn_size: int, options: ConstructionConfig, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(experts [E, S], shared [S0]) neuron indices of one layer, rows sorted."""
         raise NotImplementedError
 
-    def perturb(self, weights: tuple[torch.Tensor, ...], options: MethodOptions, layer: int, expert: int) -> tuple[torch.Tensor, ...]:
+    def perturb(self, weights: tuple[torch.Tensor, ...], options: ConstructionConfig, layer: int, expert: int) -> tuple[torch.Tensor, ...]:
         """Change one expert's (gate, up, down) after copying; identity unless the method re-initialises."""
         return weights
 
@@ -82,7 +53,7 @@ def _divisors(n: int, limit: int = 64) -> list[int]:
     return [e for e in range(2, min(n, limit) + 1) if n % e == 0]
 
 
-def check_equal_split(ffn_size: int, options: MethodOptions, shared_size: int) -> None:
+def check_equal_split(ffn_size: int, options: ConstructionConfig, shared_size: int) -> None:
     """The routed neurons (all but the shared block) must cut into E equal experts."""
     ConstructionMethod().check(ffn_size, options)
     if not 0 <= shared_size < ffn_size:
@@ -90,7 +61,7 @@ def check_equal_split(ffn_size: int, options: MethodOptions, shared_size: int) -
     routed = ffn_size - shared_size
     if routed % options.num_experts:
         raise MoeifyError(
-            f"{routed} routed neurons are not divisible by --experts {options.num_experts}; "
+            f"{routed} routed neurons are not divisible by --num-experts {options.num_experts}; "
             f"choose one of {_divisors(routed)} (or use --method upcycle)"
         )
 
@@ -99,17 +70,17 @@ class Upcycle(ConstructionMethod):
     name = "upcycle"
     description = "copy the whole FFN into every expert (Llama 3 Meets MoE)"
 
-    def check(self, ffn_size: int, options: MethodOptions) -> None:
+    def check(self, ffn_size: int, options: ConstructionConfig) -> None:
         pass
 
-    def expert_size(self, ffn_size: int, options: MethodOptions) -> int:
+    def expert_size(self, ffn_size: int, options: ConstructionConfig) -> int:
         return ffn_size
 
-    def default_scale(self, ffn_size: int, options: MethodOptions, top_k: int, router: RouterSpec) -> float:
+    def default_scale(self, ffn_size: int, options: ConstructionConfig, top_k: int, router: RouterSpec) -> float:
         # Mixing weights of the k chosen experts sum to 1 and every expert is the dense FFN.
         return 1.0
 
-    def layer_partition(self, ffn_size: int, options: MethodOptions, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer_partition(self, ffn_size: int, options: ConstructionConfig, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.arange(ffn_size).expand(options.num_experts, -1), torch.zeros(0, dtype=torch.long)
 
 
@@ -117,13 +88,13 @@ class DropUpcycle(Upcycle):
     name = "drop-upcycle"
     description = "upcycle, then re-initialise a fraction r of each expert's neurons (Drop-Upcycling)"
 
-    def check(self, ffn_size: int, options: MethodOptions) -> None:
-        if not 0 <= options.drop_ratio <= 1:
-            raise MoeifyError(f"--drop-ratio must be in [0, 1], got {options.drop_ratio}")
+    def check(self, ffn_size: int, options: ConstructionConfig) -> None:
+        if not 0 <= options.upcycle.drop_ratio <= 1:
+            raise MoeifyError(f"--drop-ratio must be in [0, 1], got {options.upcycle.drop_ratio}")
 
-    def perturb(self, weights: tuple[torch.Tensor, ...], options: MethodOptions, layer: int, expert: int) -> tuple[torch.Tensor, ...]:
+    def perturb(self, weights: tuple[torch.Tensor, ...], options: ConstructionConfig, layer: int, expert: int) -> tuple[torch.Tensor, ...]:
         gate, up, down = weights
-        count = round(options.drop_ratio * gate.shape[0])
+        count = round(options.upcycle.drop_ratio * gate.shape[0])
         if count == 0:
             return weights
         generator = expert_generator(options.seed, layer, expert)
@@ -148,15 +119,15 @@ class NoiseUpcycle(Upcycle):
     name = "noise-upcycle"
     description = "upcycle, then add Gaussian noise (sigma x each matrix's std) to every copy"
 
-    def check(self, ffn_size: int, options: MethodOptions) -> None:
-        if options.noise_std < 0:
-            raise MoeifyError(f"--noise-std must be >= 0, got {options.noise_std}")
+    def check(self, ffn_size: int, options: ConstructionConfig) -> None:
+        if options.upcycle.noise_std < 0:
+            raise MoeifyError(f"--noise-std must be >= 0, got {options.upcycle.noise_std}")
 
-    def perturb(self, weights: tuple[torch.Tensor, ...], options: MethodOptions, layer: int, expert: int) -> tuple[torch.Tensor, ...]:
-        if options.noise_std == 0:
+    def perturb(self, weights: tuple[torch.Tensor, ...], options: ConstructionConfig, layer: int, expert: int) -> tuple[torch.Tensor, ...]:
+        if options.upcycle.noise_std == 0:
             return weights
         generator = expert_generator(options.seed, layer, expert)
-        return tuple((w.float() + torch.randn(w.shape, generator=generator) * (options.noise_std * w.float().std())).to(w.dtype)
+        return tuple((w.float() + torch.randn(w.shape, generator=generator) * (options.upcycle.noise_std * w.float().std())).to(w.dtype)
                      for w in weights)
 
 
@@ -164,32 +135,34 @@ class GranularUpcycle(ConstructionMethod):
     name = "granular-upcycle"
     description = "copies of the FFN cut into G slices each; virtual-group router init (He et al. 2024)"
 
-    def check(self, ffn_size: int, options: MethodOptions) -> None:
-        G, E = options.granularity, options.num_experts
+    def check(self, ffn_size: int, options: ConstructionConfig) -> None:
+        G, E = options.upcycle.granularity, options.num_experts
         if G < 1:
             raise MoeifyError(f"--granularity must be at least 1, got {G}")
         if ffn_size % G:
             raise MoeifyError(f"FFN size {ffn_size} is not divisible by --granularity {G}; choose one of {_divisors(ffn_size)}")
         if E % G:
-            raise MoeifyError(f"--experts {E} must be a multiple of --granularity {G} (experts = copies x G)")
+            raise MoeifyError(f"--num-experts {E} must be a multiple of --granularity {G} (experts = copies x G)")
 
-    def expert_size(self, ffn_size: int, options: MethodOptions) -> int:
-        return ffn_size // options.granularity
+    def expert_size(self, ffn_size: int, options: ConstructionConfig) -> int:
+        return ffn_size // options.upcycle.granularity
 
-    def default_scale(self, ffn_size: int, options: MethodOptions, top_k: int, router: RouterSpec) -> float:
+    def default_scale(self, ffn_size: int, options: ConstructionConfig, top_k: int, router: RouterSpec) -> float:
         # The output scale of He et al.: G for top-k-then-softmax (the k = G slices of one copy
         # each get weight 1/G), and (copies x G^2 / k) for softmax-then-top-k without renormalisation
         # (k slices, each with probability about 1/E).
-        G, E = options.granularity, options.num_experts
+        G, E = options.upcycle.granularity, options.num_experts
         if router.routing == "topk-softmax" or router.renormalize:
             return float(G)
         return E * G / top_k
 
+    router_inits = ("normal", "virtual-group")
+
     def default_router_init(self) -> str:
         return "virtual-group"
 
-    def layer_partition(self, ffn_size: int, options: MethodOptions, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        G = options.granularity
+    def layer_partition(self, ffn_size: int, options: ConstructionConfig, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        G = options.upcycle.granularity
         slices = torch.arange(ffn_size).view(G, ffn_size // G)
         return slices.repeat(options.num_experts // G, 1), torch.zeros(0, dtype=torch.long)
 
@@ -198,16 +171,16 @@ class RandomSplit(ConstructionMethod):
     name = "random-split"
     description = "seeded equal partition of the FFN neurons (LLaMA-MoE Independent-Random)"
 
-    def shared_size(self, ffn_size: int, options: MethodOptions) -> int:
-        return options.shared_size or 0
+    def shared_size(self, ffn_size: int, options: ConstructionConfig) -> int:
+        return options.split.shared_size or 0
 
-    def check(self, ffn_size: int, options: MethodOptions) -> None:
+    def check(self, ffn_size: int, options: ConstructionConfig) -> None:
         check_equal_split(ffn_size, options, self.shared_size(ffn_size, options))
 
-    def expert_size(self, ffn_size: int, options: MethodOptions) -> int:
+    def expert_size(self, ffn_size: int, options: ConstructionConfig) -> int:
         return (ffn_size - self.shared_size(ffn_size, options)) // options.num_experts
 
-    def layer_partition(self, ffn_size: int, options: MethodOptions, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer_partition(self, ffn_size: int, options: ConstructionConfig, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.check(ffn_size, options)
         permutation = torch.randperm(ffn_size, generator=layer_generator(options.seed, layer, PARTITION_STREAM))
         shared = self.shared_size(ffn_size, options)

@@ -18,7 +18,7 @@ from moeify.checkpoint.dense import DenseCheckpoint
 from moeify.checkpoint.writer import write_safetensors
 from moeify.errors import MoeifyError
 
-FORMAT = "moeify-partition/1"
+FORMAT = "moeify-partition/2"
 
 
 def model_fingerprint(dense: DenseCheckpoint) -> dict:
@@ -38,7 +38,8 @@ class Partition:
     experts: list[torch.Tensor]  # per layer [E, expert_size], sorted rows
     shared: list[torch.Tensor]  # per layer [shared_size]
     model: dict  # model_fingerprint of the dense model it was made from
-    options: dict = field(default_factory=dict)  # method options and per-layer statistics
+    options: dict = field(default_factory=dict)  # the method options it was made with (construct.config.method_options)
+    stats: dict = field(default_factory=dict)  # per-layer statistics (k-means objective, METIS edge cut, grouping)
     centroids: list[torch.Tensor] | None = None  # per layer [E, D], clustering only
 
     @property
@@ -53,7 +54,7 @@ class Partition:
             if self.centroids is not None:
                 tensors[f"layers.{layer}.centroids"] = self.centroids[layer].float().contiguous()
         header = {"format": FORMAT, "method": self.method, "num_experts": self.num_experts, "expert_size": self.expert_size,
-                  "shared_size": self.shared_size, "model": self.model, "options": self.options}
+                  "shared_size": self.shared_size, "model": self.model, "options": self.options, "stats": self.stats}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -79,7 +80,7 @@ class Partition:
         except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as error:
             raise MoeifyError(f"cannot read partition file {path} ({error}); make it again with `moeify split`") from None
         return cls(header["method"], header["num_experts"], header["expert_size"], header["shared_size"], experts, shared,
-                   header["model"], header["options"], centroids)
+                   header["model"], header["options"], header.get("stats", {}), centroids)
 
     def check_model(self, dense: DenseCheckpoint, source: str) -> None:
         """Refuse a partition made from another model."""

@@ -1,136 +1,168 @@
-"""One construction, resolved: the method, its options, and (for data-driven methods) the partition.
+"""One construction, resolved, and the one function that makes an MoE layer's tensors.
 
-`build` and online upcycling both ask a plan for each layer's neuron groups, router and expert
-weights, so they produce the same bytes.
+`ConstructionPlan.make` resolves a ConstructionConfig against a dense model (method, partition file,
+scale, router init, all checked); `plan.layer(dense, L)` returns layer L's canonical tensors. `build`
+writes them through the output format, online upcycling fills each rank's shards from them: nothing
+else assembles MoE tensors, so the same plan gives the same bytes in every layout.
 """
 
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import torch
 
 from moeify.checkpoint.dense import DenseCheckpoint
-from moeify.construct.methods import ConstructionMethod, DropUpcycle, GranularUpcycle, MethodOptions, NoiseUpcycle, RandomSplit, Upcycle
+from moeify.checkpoint.manifest import Manifest
+from moeify.construct.config import ConstructionConfig, method_options, with_method_options
+from moeify.construct.methods import ConstructionMethod
 from moeify.construct.partition import Partition, model_fingerprint
+from moeify.construct.registry import get_method
 from moeify.construct.seeding import ROUTER_STREAM, layer_generator
-from moeify.construct.splits import Clustering, CoActivation, GradientGreedy, SharingInner, SharingInter
 from moeify.errors import MoeifyError
-from moeify.modeling.router import RouterSpec
-
-METHODS: dict[str, ConstructionMethod] = {
-    method.name: method
-    for method in [Upcycle(), RandomSplit(), Clustering(), CoActivation(), SharingInner(), SharingInter(), GradientGreedy(),
-                   GranularUpcycle(), DropUpcycle(), NoiseUpcycle()]
-}
-ROUTER_INITS = ("auto", "normal", "virtual-group", "centroids")
-
-
-def get_method(name: str) -> ConstructionMethod:
-    if name not in METHODS:
-        raise MoeifyError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
-    return METHODS[name]
+from moeify.modeling.canonical import FFNWeights, LazyExperts, MoELayer
+from moeify.checkpoint.formats.base import MoEFeatures
 
 
 @dataclass
 class ConstructionPlan:
+    config: ConstructionConfig  # with a partition file's method options applied
     method: ConstructionMethod
-    options: MethodOptions
     ffn_size: int
-    partition: Partition | None = None
+    partition: Partition | None
+    scale: float
+    router_init: str  # resolved: normal | virtual-group | centroids
 
     @classmethod
-    def make(cls, dense: DenseCheckpoint, options: MethodOptions, partition_file: Path | None = None,
-             source: str = "MODEL", progress: bool = True) -> "ConstructionPlan":
-        if partition_file is not None:
-            partition = Partition.load(partition_file)
+    def make(cls, dense: DenseCheckpoint, config: ConstructionConfig, source: str = "MODEL", progress: bool = True,
+             compute_partition: bool = True) -> "ConstructionPlan":
+        """`compute_partition=False` refuses data-driven methods without a partition file (online upcycling:
+        every rank would compute it)."""
+        partition = None
+        if config.partition is not None:
+            partition = Partition.load(config.partition)
             partition.check_model(dense, source)
-            recorded = {f.name: partition.options[f.name] for f in fields(MethodOptions) if f.name in partition.options}
-            return cls(get_method(partition.method), MethodOptions(**recorded), dense.ffn_size, partition)
-        method = get_method(options.method)
-        method.check(dense.ffn_size, options)
-        if method.layerwise:
-            return cls(method, options, dense.ffn_size)
-        if method.needs_calibration and options.calibration is None:
-            raise MoeifyError(f"--method {method.name} needs calibration text: give --calibration embedded (or DOMAIN=PATH), "
-                              f"or make a partition with `moeify split` and pass --partition")
-        return cls(method, options, dense.ffn_size, method.make_partition(dense, options, progress))
-
-    @classmethod
-    def make_partition(cls, dense: DenseCheckpoint, options: MethodOptions, progress: bool = True) -> Partition:
-        """What `moeify split` saves: the data-driven partition, or every layer of a layer-wise method."""
-        plan = cls.make(dense, options, progress=progress)
-        if plan.partition is not None:
-            return plan.partition
-        layers = [plan.method.layer_partition(dense.ffn_size, options, layer) for layer in range(dense.num_layers)]
-        return Partition(plan.method.name, options.num_experts, plan.expert_size, plan.shared_size,
-                         [experts.contiguous() for experts, _ in layers], [shared for _, shared in layers],
-                         model_fingerprint(dense), {k: v for k, v in vars(options).items() if v is not None})
+            config = with_method_options(config, partition.options)
+            method = get_method(partition.method)
+        else:
+            method = get_method(config.method)
+            method.check(dense.ffn_size, config)
+            if not method.layerwise:
+                if not compute_partition:
+                    raise MoeifyError(f"--method {method.name} needs a partition here: run `moeify split {source} --method "
+                                      f"{method.name} ...` once and pass --partition")
+                if method.needs_calibration and config.data.calibration is None:
+                    raise MoeifyError(f"--method {method.name} needs calibration text: give --calibration embedded (or DOMAIN=PATH), "
+                                      f"or make a partition with `moeify split` and pass --partition")
+                partition = method.make_partition(dense, config, progress)
+        config.check_routing()
+        plan = cls(config, method, dense.ffn_size, partition, 1.0, "normal")
+        plan.scale = plan._default_scale() if config.scale is None else config.scale
+        plan.router_init = plan._resolve_router_init()
+        return plan
 
     @property
     def num_experts(self) -> int:
-        return self.options.num_experts
+        return self.config.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.config.router.top_k
 
     @property
     def expert_size(self) -> int:
-        return self.partition.expert_size if self.partition else self.method.expert_size(self.ffn_size, self.options)
+        return self.partition.expert_size if self.partition else self.method.expert_size(self.ffn_size, self.config)
 
     @property
     def shared_size(self) -> int:
-        return self.partition.shared_size if self.partition else self.method.shared_size(self.ffn_size, self.options)
+        return self.partition.shared_size if self.partition else self.method.shared_size(self.ffn_size, self.config)
 
-    def scale(self, top_k: int, router: RouterSpec, given: float | None) -> float:
-        if given is not None:
-            return given
+    @property
+    def features(self) -> MoEFeatures:
+        return MoEFeatures(self.config.router.spec(), self.shared_size)
+
+    def _default_scale(self) -> float:
         if self.partition is not None and not self.method.layerwise:
-            return (self.ffn_size - self.shared_size) / (top_k * self.expert_size)
-        return self.method.default_scale(self.ffn_size, self.options, top_k, router)
+            return (self.ffn_size - self.shared_size) / (self.top_k * self.expert_size)
+        return self.method.default_scale(self.ffn_size, self.config, self.top_k, self.config.router.spec())
 
-    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(experts [E, S], shared [S0]) neuron indices of one layer."""
-        if self.partition is not None:
-            return self.partition.experts[layer], self.partition.shared[layer]
-        return self.method.layer_partition(self.ffn_size, self.options, layer)
-
-    def router_init(self, requested: str) -> str:
-        if requested not in ROUTER_INITS:
-            raise MoeifyError(f"--router-init must be one of {', '.join(ROUTER_INITS)}, got {requested!r}")
+    def _resolve_router_init(self) -> str:
+        requested = self.config.router.router_init
         init = self.method.default_router_init() if requested == "auto" else requested
+        if init not in self.method.router_inits:
+            raise MoeifyError(f"--router-init {init} is not available with --method {self.method.name}; choose one of: "
+                              f"auto, {', '.join(self.method.router_inits)} (centroids: --method clustering; "
+                              f"virtual-group: --method granular-upcycle)")
         if init == "centroids" and (self.partition is None or self.partition.centroids is None):
-            raise MoeifyError("--router-init centroids needs a clustering partition (--method clustering)")
-        if init == "virtual-group" and not isinstance(self.method, GranularUpcycle):
-            raise MoeifyError("--router-init virtual-group is for --method granular-upcycle")
+            raise MoeifyError("--router-init centroids needs a clustering partition with centroids; make it with `moeify split --method clustering`")
         return init
 
-    def router_weight(self, layer: int, hidden_size: int, std: float, init: str, dtype: torch.dtype) -> torch.Tensor:
+    def manifest(self, dense: DenseCheckpoint, source: str, architecture: str, format_name: str) -> Manifest:
+        """What moeify.json records of how the MoE was made (by `build` and by online upcycling)."""
+        router = self.config.router
+        return Manifest(source_model=source, source_path=str(dense.path), source_family=dense.family, architecture=architecture,
+                        format=format_name, method=self.method.name, num_experts=self.num_experts, top_k=self.top_k,
+                        expert_size=self.expert_size, shared_size=self.shared_size, scale=self.scale, seed=self.config.seed,
+                        router={**asdict(router.spec()), "router_std": router.router_std, "router_init": self.router_init},
+                        options=method_options(self.config),
+                        partition=str(self.config.partition) if self.config.partition is not None else None)
+
+    def neurons(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(experts [E, S], shared [S0]) dense neuron indices of one layer."""
+        if self.partition is not None:
+            return self.partition.experts[layer], self.partition.shared[layer]
+        return self.method.layer_partition(self.ffn_size, self.config, layer)
+
+    def make_partition(self, dense: DenseCheckpoint) -> Partition:
+        """What `moeify split` saves: the data-driven partition, or every layer of a layer-wise method."""
+        if self.partition is not None:
+            return self.partition
+        layers = [self.neurons(layer) for layer in range(dense.num_layers)]
+        return Partition(self.method.name, self.num_experts, self.expert_size, self.shared_size,
+                         [experts.contiguous() for experts, _ in layers], [shared for _, shared in layers],
+                         model_fingerprint(dense), method_options(self.config))
+
+    def router_weight(self, layer: int, hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
         """Router weight [E, D]: N(0, std) (zeros when std is 0); virtual-group repeats E/G rows G
         times, so the G slices of one FFN copy are always chosen together; centroids uses the
         clustering centroids (mean normalised rows of each expert)."""
-        E = self.num_experts
-        if init == "centroids":
+        E, std = self.num_experts, self.config.router.router_std
+        if self.router_init == "centroids":
             return self.partition.centroids[layer].to(dtype)
-        rows = E // self.options.granularity if init == "virtual-group" else E
         if std == 0:
             return torch.zeros(E, hidden_size, dtype=dtype)
-        weight = torch.randn(rows, hidden_size, generator=layer_generator(self.options.seed, layer, ROUTER_STREAM)) * std
-        if init == "virtual-group":
-            weight = weight.repeat_interleave(self.options.granularity, dim=0)
-        return weight.to(dtype)
+        G = self.config.upcycle.granularity if self.router_init == "virtual-group" else 1
+        weight = torch.randn(E // G, hidden_size, generator=layer_generator(self.config.seed, layer, ROUTER_STREAM)) * std
+        return weight.repeat_interleave(G, dim=0).to(dtype)
 
-    def expert_weights(self, ffn: tuple[torch.Tensor, torch.Tensor, torch.Tensor], neurons: torch.Tensor, scale: float,
-                       layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        gate, up, down = self.method.perturb(ffn, self.options, layer, expert)
-        return expert_weights(gate, up, down, neurons, scale)
+    def layer(self, dense: DenseCheckpoint, layer: int) -> MoELayer:
+        """Layer `layer`'s canonical MoE tensors; experts are made when asked for (LazyExperts)."""
+        dense_ffn = FFNWeights(*dense.ffn(layer))
+        experts_ES, shared_S = self.neurons(layer)
+        dtype = dense_ffn.gate.dtype
+
+        def make_expert(expert: int) -> FFNWeights:
+            perturbed = FFNWeights(*self.method.perturb((dense_ffn.gate, dense_ffn.up, dense_ffn.down), self.config, layer, expert))
+            return expert_weights(perturbed, experts_ES[expert], self.scale)
+
+        mlp_out = None
+        if self.config.router.gate == "mlp":  # Linear(E, E) after tanh starts as the identity: the MLP gate begins like the linear one
+            mlp_out = torch.eye(self.num_experts, dtype=dtype)
+        return MoELayer(
+            router=self.router_weight(layer, dense.hidden_size, dtype),
+            experts=LazyExperts(self.num_experts, make_expert),
+            router_mlp_out=mlp_out,
+            selection_bias=torch.zeros(self.num_experts),
+            shared=expert_weights(dense_ffn, shared_S, 1.0) if len(shared_S) else None,
+        )
 
 
-def expert_weights(gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tensor, neurons: torch.Tensor, scale: float
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def expert_weights(ffn: FFNWeights, neurons: torch.Tensor, scale: float) -> FFNWeights:
     """One expert's (gate, up, down) from the dense FFN; the output scale is folded into down.
 
     An expert that holds every neuron in order with scale 1 (upcycling) is the dense FFN itself:
     the tensors are returned as they are, not copied."""
-    if scale == 1.0 and neurons.numel() == gate_FD.shape[0] and torch.equal(neurons, torch.arange(gate_FD.shape[0])):
-        return gate_FD, up_FD, down_DF
-    down = down_DF[:, neurons]
+    if scale == 1.0 and neurons.numel() == ffn.size and torch.equal(neurons, torch.arange(ffn.size)):
+        return ffn
+    down = ffn.down[:, neurons]
     if scale != 1.0:
         down = down * scale
-    return gate_FD[neurons].contiguous(), up_FD[neurons].contiguous(), down.contiguous()
+    return FFNWeights(ffn.gate[neurons].contiguous(), ffn.up[neurons].contiguous(), down.contiguous())

@@ -12,7 +12,8 @@ from tqdm import tqdm
 from moeify.checkpoint.dense import DenseCheckpoint
 from moeify.construct import calibration as calib
 from moeify.construct.kmeans import balanced_kmeans
-from moeify.construct.methods import ConstructionMethod, MethodOptions, check_equal_split
+from moeify.construct.config import ConstructionConfig, method_options
+from moeify.construct.methods import ConstructionMethod, check_equal_split
 from moeify.construct.partition import Partition, model_fingerprint
 from moeify.errors import MoeifyError
 
@@ -22,25 +23,24 @@ EMPTY = torch.zeros(0, dtype=torch.long)
 class _Split(ConstructionMethod):
     layerwise = False
 
-    def check(self, ffn_size: int, options: MethodOptions) -> None:
+    def check(self, ffn_size: int, options: ConstructionConfig) -> None:
         check_equal_split(ffn_size, options, self.shared_size(ffn_size, options))
 
-    def shared_size(self, ffn_size: int, options: MethodOptions) -> int:
+    def shared_size(self, ffn_size: int, options: ConstructionConfig) -> int:
         return 0
 
-    def expert_size(self, ffn_size: int, options: MethodOptions) -> int:
+    def expert_size(self, ffn_size: int, options: ConstructionConfig) -> int:
         return (ffn_size - self.shared_size(ffn_size, options)) // options.num_experts
 
-    def make_partition(self, dense: DenseCheckpoint, options: MethodOptions, progress: bool = True) -> Partition:
+    def make_partition(self, dense: DenseCheckpoint, options: ConstructionConfig, progress: bool = True) -> Partition:
         raise NotImplementedError
 
-    def _partition(self, dense: DenseCheckpoint, options: MethodOptions, experts: list[torch.Tensor],
+    def _partition(self, dense: DenseCheckpoint, options: ConstructionConfig, experts: list[torch.Tensor],
                    shared: list[torch.Tensor], info: dict, centroids: list[torch.Tensor] | None = None) -> Partition:
         F = dense.ffn_size
-        recorded = {k: v for k, v in vars(options).items() if v is not None}
         return Partition(self.name, options.num_experts, self.expert_size(F, options), self.shared_size(F, options),
                          [e.sort(dim=1).values for e in experts], [s.sort().values for s in shared], model_fingerprint(dense),
-                         {**recorded, **info}, centroids)
+                         method_options(options), info, centroids)
 
 
 def _layers(dense: DenseCheckpoint, label: str, progress: bool):
@@ -50,31 +50,32 @@ def _layers(dense: DenseCheckpoint, label: str, progress: bool):
 class Clustering(_Split):
     name = "clustering"
     description = "balanced k-means on L2-normalised up_proj rows (LLaMA-MoE Independent-Clustering)"
+    router_inits = ("normal", "centroids")
 
-    def check(self, ffn_size: int, options: MethodOptions) -> None:
+    def check(self, ffn_size: int, options: ConstructionConfig) -> None:
         super().check(ffn_size, options)
-        if options.cluster_on not in ("up", "gate"):
-            raise MoeifyError(f"--cluster-on must be up or gate, got {options.cluster_on!r}")
+        if options.clustering.cluster_on not in ("up", "gate"):
+            raise MoeifyError(f"--cluster-on must be up or gate, got {options.clustering.cluster_on!r}")
 
-    def make_partition(self, dense: DenseCheckpoint, options: MethodOptions, progress: bool = True) -> Partition:
+    def make_partition(self, dense: DenseCheckpoint, options: ConstructionConfig, progress: bool = True) -> Partition:
         experts, centroids, objectives = [], [], []
         for layer in _layers(dense, "k-means", progress):
-            rows = dense.get(f"model.layers.{layer}.mlp.{options.cluster_on}_proj.weight").float()
+            rows = dense.get(f"model.layers.{layer}.mlp.{options.clustering.cluster_on}_proj.weight").float()
             result = balanced_kmeans(torch.nn.functional.normalize(rows, dim=1), options.num_experts,
-                                     seed=options.seed + layer, restarts=options.restarts)
+                                     seed=options.seed + layer, restarts=options.clustering.restarts)
             experts.append(result.labels_N.argsort(stable=True).view(options.num_experts, -1))
             centroids.append(result.centroids_KD)
             objectives.append(round(result.objective, 6))
         return self._partition(dense, options, experts, [EMPTY] * len(experts), {"objective": objectives}, centroids)
 
 
-def _load_calibration(dense: DenseCheckpoint, options: MethodOptions, method: str, needed_blocks: int) -> calib.CalibrationData:
-    if options.calibration is None:
+def _load_calibration(dense: DenseCheckpoint, options: ConstructionConfig, method: str, needed_blocks: int) -> calib.CalibrationData:
+    if options.data.calibration is None:
         raise MoeifyError(f"--method {method} needs calibration text: give --calibration embedded or --calibration DOMAIN=PATH")
-    data = calib.load_calibration(options.calibration, dense.path, options.calibration_tokens, options.calibration_seq_len)
+    data = calib.load_calibration(options.data.calibration, dense.path, options.data.calibration_tokens, options.data.calibration_seq_len)
     if len(data.blocks_NS) < needed_blocks:
         raise MoeifyError(
-            f"calibration data {options.calibration!r} gives {len(data.blocks_NS)} blocks of {options.calibration_seq_len} tokens; "
+            f"calibration data {options.data.calibration!r} gives {len(data.blocks_NS)} blocks of {options.data.calibration_seq_len} tokens; "
             f"--method {method} needs at least {needed_blocks}: give more text, a larger --calibration-tokens "
             f"or a smaller --calibration-seq-len"
         )
@@ -108,12 +109,12 @@ class CoActivation(_Split):
     description = "METIS partition of the neuron co-activation graph, rebalanced (MoEfication)"
     needs_calibration = True
 
-    def check(self, ffn_size: int, options: MethodOptions) -> None:
+    def check(self, ffn_size: int, options: ConstructionConfig) -> None:
         super().check(ffn_size, options)
-        if not 0 < options.graph_density <= 1:
-            raise MoeifyError(f"--graph-density must be in (0, 1], got {options.graph_density}")
+        if not 0 < options.data.graph_density <= 1:
+            raise MoeifyError(f"--graph-density must be in (0, 1], got {options.data.graph_density}")
 
-    def make_partition(self, dense: DenseCheckpoint, options: MethodOptions, progress: bool = True) -> Partition:
+    def make_partition(self, dense: DenseCheckpoint, options: ConstructionConfig, progress: bool = True) -> Partition:
         import pymetis
 
         data = _load_calibration(dense, options, self.name, 4)
@@ -122,7 +123,7 @@ class CoActivation(_Split):
         metis_options = pymetis.Options(seed=options.seed)
         for layer in _layers(dense, "METIS", progress):
             graph = graphs[layer].fill_diagonal_(0)
-            threshold = torch.quantile(graph.flatten()[::max(1, graph.numel() // 1_000_000)], 1 - options.graph_density)
+            threshold = torch.quantile(graph.flatten()[::max(1, graph.numel() // 1_000_000)], 1 - options.data.graph_density)
             kept = (graph >= threshold) & (graph > 0)
             kept = kept | kept.T
             rows, cols = kept.nonzero(as_tuple=True)
@@ -158,7 +159,7 @@ class _GradientSplit(_Split):
 
     needs_calibration = True
 
-    def make_partition(self, dense: DenseCheckpoint, options: MethodOptions, progress: bool = True) -> Partition:
+    def make_partition(self, dense: DenseCheckpoint, options: ConstructionConfig, progress: bool = True) -> Partition:
         E = options.num_experts
         data = _load_calibration(dense, options, self.name, calib.min_blocks(E))
         model = calib.load_dense_model(dense.path)
@@ -173,7 +174,7 @@ class _GradientSplit(_Split):
             shared.append(common)
         return self._partition(dense, options, experts, shared, {"calibration_blocks": len(data.blocks_NS), "grouping": grouping})
 
-    def split_layer(self, importance_GF: torch.Tensor, ffn_size: int, options: MethodOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    def split_layer(self, importance_GF: torch.Tensor, ffn_size: int, options: ConstructionConfig) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
 
@@ -181,16 +182,16 @@ class SharingInner(_GradientSplit):
     name = "sharing-inner"
     description = "each expert takes its group's most important neurons; experts may overlap (LLaMA-MoE)"
 
-    def check(self, ffn_size: int, options: MethodOptions) -> None:
+    def check(self, ffn_size: int, options: ConstructionConfig) -> None:
         ConstructionMethod.check(self, ffn_size, options)
         size = self.expert_size(ffn_size, options)
         if not 0 < size <= ffn_size:
             raise MoeifyError(f"--expert-size must be in [1, {ffn_size}], got {size}")
 
-    def expert_size(self, ffn_size: int, options: MethodOptions) -> int:
-        return options.expert_size or ffn_size // options.num_experts
+    def expert_size(self, ffn_size: int, options: ConstructionConfig) -> int:
+        return options.split.expert_size or ffn_size // options.num_experts
 
-    def split_layer(self, importance_GF: torch.Tensor, ffn_size: int, options: MethodOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    def split_layer(self, importance_GF: torch.Tensor, ffn_size: int, options: ConstructionConfig) -> tuple[torch.Tensor, torch.Tensor]:
         size = self.expert_size(ffn_size, options)
         return importance_GF.topk(size, dim=1).indices, EMPTY
 
@@ -199,13 +200,13 @@ class SharingInter(_GradientSplit):
     name = "sharing-inter"
     description = "neurons important to most groups form an always-active shared expert; the rest are routed (LLaMA-MoE)"
 
-    def shared_size(self, ffn_size: int, options: MethodOptions) -> int:
-        return options.shared_size if options.shared_size is not None else ffn_size // (options.num_experts + 1)
+    def shared_size(self, ffn_size: int, options: ConstructionConfig) -> int:
+        return options.split.shared_size if options.split.shared_size is not None else ffn_size // (options.num_experts + 1)
 
-    def expert_size(self, ffn_size: int, options: MethodOptions) -> int:
-        return options.expert_size or (ffn_size - self.shared_size(ffn_size, options)) // options.num_experts
+    def expert_size(self, ffn_size: int, options: ConstructionConfig) -> int:
+        return options.split.expert_size or (ffn_size - self.shared_size(ffn_size, options)) // options.num_experts
 
-    def check(self, ffn_size: int, options: MethodOptions) -> None:
+    def check(self, ffn_size: int, options: ConstructionConfig) -> None:
         ConstructionMethod.check(self, ffn_size, options)
         shared, size = self.shared_size(ffn_size, options), self.expert_size(ffn_size, options)
         if not 0 < shared < ffn_size:
@@ -213,7 +214,7 @@ class SharingInter(_GradientSplit):
         if size < 1 or size > ffn_size - shared:
             raise MoeifyError(f"--expert-size must be in [1, {ffn_size - shared}] (the neurons left after the shared expert), got {size}")
 
-    def split_layer(self, importance_GF: torch.Tensor, ffn_size: int, options: MethodOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    def split_layer(self, importance_GF: torch.Tensor, ffn_size: int, options: ConstructionConfig) -> tuple[torch.Tensor, torch.Tensor]:
         shared_size, size = self.shared_size(ffn_size, options), self.expert_size(ffn_size, options)
         shared = importance_GF.sum(dim=0).topk(shared_size).indices
         rest = torch.ones(ffn_size, dtype=torch.bool)
@@ -231,6 +232,6 @@ class GradientGreedy(_GradientSplit):
     name = "gradient-greedy"
     description = "highest (group, neuron) importance first, until every expert is full; no overlap (LLaMA-MoE)"
 
-    def split_layer(self, importance_GF: torch.Tensor, ffn_size: int, options: MethodOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    def split_layer(self, importance_GF: torch.Tensor, ffn_size: int, options: ConstructionConfig) -> tuple[torch.Tensor, torch.Tensor]:
         return greedy_assign(importance_GF, self.expert_size(ffn_size, options)), EMPTY
 

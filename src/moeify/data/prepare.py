@@ -10,7 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from moeify.checkpoint.atomic import atomic_directory
-from moeify.checkpoint.resolve import cache_dir, resolve_model
+from moeify.checkpoint.resolve import DEFAULT_MODEL, cache_dir, resolve_model
 from moeify.data.embedded import HELDOUT_EVERY, embedded_corpus
 from moeify.data.packed import META, PackedDataset
 from moeify.data.sources import Source, read_documents
@@ -22,15 +22,25 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.tx
 
 @dataclass
 class PrepareConfig:
-    model: str
+    model: str = DEFAULT_MODEL
     """Model whose tokenizer is used (directory, .gguf or embedded name)."""
     sources: list[str] = field(default_factory=list)
-    """DOMAIN=PATH entries; empty means the embedded corpus (code, docstrings, reference)."""
+    """DOMAIN=PATH: a text file or folder, .jsonl, .parquet or saved HF dataset; repeat per domain (default: the embedded corpus)."""
     out: Path | None = None
     """Output directory; default: a cache directory named by the inputs' fingerprint."""
     seq_len: int = 512
+    """Tokens per packed block."""
     embedded_chars: int = 2_000_000
     """Characters per domain of the embedded corpus."""
+
+
+def run_prepare(config: PrepareConfig) -> str:
+    dataset = prepare(config)
+    lines = []
+    for domain in dataset.domains:
+        info = dataset.meta["domains"][domain]
+        lines.append(f"{domain:<16} {info['documents']:>7} docs {info['train_tokens']:>11} train tokens {info['val_tokens']:>9} held-out")
+    return "\n".join([*lines, f"wrote {dataset.path}"])
 
 
 def tokenizer_fingerprint(model_dir: Path) -> str:

@@ -1,7 +1,10 @@
 """`moeify generate`: a quick look at what a model writes (greedy, chat template when there is one)."""
 
+from dataclasses import dataclass
+
 import torch
 
+from moeify.errors import MoeifyError
 from moeify.evaluate.models import load_for_eval
 
 
@@ -17,6 +20,25 @@ def greedy(model, tokenizer, ids: torch.Tensor, max_new_tokens: int) -> str:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+@dataclass
+class GenerateConfig:
+    model: str
+    """Model directory, training run, .gguf or embedded name."""
+    prompt: str
+    """The prompt (wrapped in the chat template when the tokenizer has one)."""
+    max_new_tokens: int = 40
+    chat: bool = True
+    """Use the tokenizer's chat template (--no-chat: the raw prompt)."""
+
+
+def run_generate(config: GenerateConfig) -> str:
+    if config.max_new_tokens < 1:
+        raise MoeifyError(f"--max-new-tokens must be at least 1, got {config.max_new_tokens}")
+    if not config.prompt.strip():
+        raise MoeifyError("--prompt is empty; give the text to complete")
+    return generate(config.model, config.prompt, config.max_new_tokens, config.chat)
 
 
 def generate(model: str, prompt: str, max_new_tokens: int = 40, chat: bool = True) -> str:

@@ -3,6 +3,7 @@
 import base64
 import html
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from moeify.errors import MoeifyError
@@ -10,6 +11,18 @@ from moeify.evaluate.plots import expert_share_heatmaps, line_plot
 from moeify.evaluate.run import EVAL_JSON, format_report
 
 REPORT = "report.html"
+
+
+@dataclass
+class ReportConfig:
+    run: Path
+    """A `moeify train` --out directory."""
+    evals: list[Path] | None = None
+    """Eval output folder(s) to include (default: the run's eval*/ folders)."""
+
+
+def run_report(config: ReportConfig) -> str:
+    return f"wrote {build_report(config.run, config.evals)}"
 
 
 def build_report(run_dir: Path, eval_dirs: list[Path] | None = None) -> Path:

@@ -21,14 +21,39 @@ EVAL_JSON = "eval.json"
 @dataclass
 class EvalConfig:
     models: list[str]
-    out: Path
+    """Models (directories, runs, .gguf, embedded names); the first is the baseline."""
+    out: Path = Path("moeify-eval")
+    """Where eval.json/csv and plots go."""
     sources: list[str] = field(default_factory=list)
-    """DOMAIN=PATH evaluation text; default: the embedded corpus's held-out documents."""
+    """DOMAIN=PATH evaluation text, repeat per domain; default: the embedded corpus's held-out documents."""
     seq_len: int = 512
+    """Predictions per window."""
     max_tokens: int = 8192
     """Predicted tokens per domain and model (documents in order, the last one cut)."""
     batch_size: int = 4
     force: bool = False
+    """Replace --out if it exists."""
+    lm_eval: str | None = None
+    """Also run lm-evaluation-harness tasks (comma-separated)."""
+    lm_eval_include: Path | None = None
+    """Folder of extra lm-eval task YAMLs."""
+    lm_eval_limit: int | None = None
+    """Examples per lm-eval task."""
+
+
+def run_eval(config: EvalConfig) -> str:
+    report = evaluate(config)
+    lines = [format_report(report)]
+    if config.lm_eval:
+        from moeify.evaluate.lm_eval_bridge import run_lm_eval
+
+        tasks = [t.strip() for t in config.lm_eval.split(",") if t.strip()]
+        scores = {m: run_lm_eval(m, tasks, config.lm_eval_include, config.lm_eval_limit) for m in config.models}
+        (config.out / "lm_eval.json").write_text(json.dumps(scores, indent=2) + "\n")
+        for model, task_scores in scores.items():
+            for task, metrics in task_scores.items():
+                lines.append(f"lm-eval {task:<20} {model}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    return "\n".join([*lines, f"wrote {config.out}"])
 
 
 def label_of(spec: str, index: int) -> str:

@@ -1,53 +1,69 @@
-"""Run moeify's MoE block inside a stock transformers model.
+"""Run moeify's MoE block inside a stock transformers model, and map it back to the stock keys.
 
 The stock model keeps its embeddings, attention and norms; each sparse-MoE block (Mixtral,
 Qwen2-MoE, Qwen3-MoE, DeepSeek-V3 style) is replaced by a MoEFeedForward holding moeify's MoEBlock
-with the same weights (and the stock shared expert, where there is one). `stock_state_dict` maps
-back to the canonical on-disk key names.
+and, where there is one, the shared expert. Its state-dict names are the canonical names
+(modeling/canonical.py); the output format maps them to and from the stock model's names.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from moeify.checkpoint.formats import ARCHITECTURES, OutputArchitecture
-from moeify.errors import MoeifyError
+from moeify.checkpoint.formats import format_of_model_type
+from moeify.modeling import canonical as C
+from moeify.modeling.canonical import MoELayer
 from moeify.modeling.experts import Dispatch
 from moeify.modeling.moe_block import MoEBlock, MoEOutput
 from moeify.modeling.router import RouterSpec
 
-_ARCH_BY_MODEL_TYPE = {arch.config_class.model_type: arch for arch in ARCHITECTURES}
+
+class SharedExpert(nn.Module):
+    """An always-active SwiGLU expert."""
+
+    def __init__(self, hidden_size: int, size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, size, bias=False)
+        self.down_proj = nn.Linear(size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class MoEFeedForward(nn.Module):
     """Drop-in for a stock sparse-MoE block; keeps the last forward's MoEOutput for losses and stats.
 
-    The shared expert (if any) keeps its stock module name, so state-dict keys stay canonical;
-    Qwen2-MoE gates it by a sigmoid, DeepSeek-V3 adds it ungated."""
+    y = MoE(x) + [sigmoid(x w)] * shared(x): Qwen2-MoE gates its shared expert, DeepSeek-V3 does not."""
 
-    def __init__(self, block: MoEBlock, shared_name: str | None = None, shared_expert: nn.Module | None = None,
-                 shared_expert_gate: nn.Module | None = None):
+    def __init__(self, block: MoEBlock, shared_size: int = 0, shared_gated: bool = False):
         super().__init__()
+        hidden = block.router.weight.shape[1]
         self.block = block
-        self.shared_name = shared_name
-        if shared_name is not None:
-            self.add_module(shared_name, shared_expert)
-        self.shared_expert_gate = shared_expert_gate
+        self.shared_expert = SharedExpert(hidden, shared_size) if shared_size else None
+        self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if shared_size and shared_gated else None
         self.last: MoEOutput | None = None
 
     def forward(self, hidden_BSD: torch.Tensor) -> torch.Tensor:
         self.last = self.block(hidden_BSD)
         y_BSD = self.last.hidden
-        if self.shared_name is not None:
-            shared_BSD = getattr(self, self.shared_name)(hidden_BSD)
+        if self.shared_expert is not None:
+            shared_BSD = self.shared_expert(hidden_BSD)
             if self.shared_expert_gate is not None:
                 shared_BSD = torch.sigmoid(self.shared_expert_gate(hidden_BSD)) * shared_BSD
             y_BSD = y_BSD + shared_BSD
         return y_BSD
 
+    @torch.no_grad()
+    def load_layer(self, layer: MoELayer) -> None:
+        """Copy a layer's canonical tensors in (those this module holds)."""
+        tensors = dict(self.named_parameters()) | dict(self.named_buffers())
+        for name, tensor in tensors.items():
+            if name in layer.module_names() or name == C.NOISE_WEIGHT:
+                tensor.copy_(layer.module_tensor(name))
 
-def output_architecture_of(config) -> OutputArchitecture | None:
-    """The export class for an MoE model type, or None for a dense model."""
-    return _ARCH_BY_MODEL_TYPE.get(config.model_type)
+    def layer(self) -> MoELayer:
+        return MoELayer.from_module_state(dict(self.state_dict()))
 
 
 def attach_moe_blocks(
@@ -58,80 +74,51 @@ def attach_moe_blocks(
 
     `gate="mlp"` gives each router moeify's MLP gate (its weights are loaded by the caller)."""
     config = model.config
-    arch = output_architecture_of(config)
-    if arch is None:
+    fmt = format_of_model_type(config.model_type)
+    if fmt is None:
         return []
-    stock_spec = arch.router_spec(config)
+    stock_spec = fmt.router_spec(config)
     spec = RouterSpec(stock_spec.routing, stock_spec.renormalize, gate)
-    top_k = config.num_experts_per_tok
     blocks = []
-    for layer in model.model.layers:
-        stock = layer.mlp
+    for decoder_layer in model.model.layers:
+        stock = decoder_layer.mlp
         if not hasattr(stock, "experts"):
             continue
-        E, two_F, D = stock.experts.gate_up_proj.shape
-        block = MoEBlock(D, two_F // 2, E, top_k, dispatch=dispatch, noisy=noisy, capacity_factor=capacity_factor, router_spec=spec)
-        block.to(device=stock.experts.gate_up_proj.device, dtype=stock.experts.gate_up_proj.dtype)
-        with torch.no_grad():
-            block.router.weight.copy_(stock.gate.weight)
-            if hasattr(stock.gate, "e_score_correction_bias"):
-                block.router.selection_bias.copy_(stock.gate.e_score_correction_bias)
-            block.experts.gate_up_proj.copy_(stock.experts.gate_up_proj)
-            block.experts.down_proj.copy_(stock.experts.down_proj)
-        shared_name = arch.shared_attribute
-        shared = getattr(stock, shared_name, None) if shared_name else None
-        if shared is None or shared.gate_proj.weight.shape[0] == 0:
-            shared_name = shared = None
-        layer.mlp = MoEFeedForward(block, shared_name, shared, getattr(stock, "shared_expert_gate", None) if shared_name else None)
-        blocks.append(layer.mlp)
+        layer = fmt.read_module(stock)
+        E, D = layer.router.shape
+        block = MoEBlock(D, layer.experts[0].size, E, config.num_experts_per_tok, dispatch=dispatch, noisy=noisy,
+                         capacity_factor=capacity_factor, router_spec=spec)
+        shared_size = layer.shared.size if layer.shared is not None else 0
+        moe = MoEFeedForward(block, shared_size, layer.shared_gate is not None)
+        moe.to(device=layer.router.device, dtype=layer.router.dtype)
+        moe.block.router.selection_bias.data = moe.block.router.selection_bias.float()
+        moe.load_layer(layer)
+        decoder_layer.mlp = moe
+        blocks.append(moe)
     return blocks
 
 
-def stock_state_dict(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
-    """Map a state dict of a model with MoEFeedForward blocks to the canonical on-disk keys.
+def moe_layers(model: nn.Module) -> dict[int, MoEFeedForward]:
+    """Decoder layer index -> its MoEFeedForward."""
+    return {index: layer.mlp for index, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoEFeedForward)}
 
-    An MLP-gated router maps to moeify's own gate keys (see checkpoint/formats.py)."""
-    arch = output_architecture_of(config)
+
+def stock_state_dict(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """A state dict of a model with MoEFeedForward blocks (full, unsharded) under the format's on-disk
+    keys. An MLP-gated router goes to moeify's own gate keys."""
+    fmt = format_of_model_type(config.model_type)
+    prefixes = {f"model.layers.{index}.mlp.": index for index in range(config.num_hidden_layers)} if fmt else {}
     out: dict[str, torch.Tensor] = {}
+    per_layer: dict[int, dict[str, torch.Tensor]] = {}
     for name, tensor in state.items():
         if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
             continue
-        if ".mlp.block." not in name:
+        prefix = next((p for p in prefixes if name.startswith((p + "block.", p + "shared_expert"))), None)
+        if prefix is None:
             out[name] = tensor
-            continue
-        assert arch is not None, f"MoE tensor {name} in a dense model"
-        layer = int(name.split(".")[2])
-        leaf = name.split(".mlp.block.")[1]
-        if leaf == "router.weight":
-            mlp_gate = f"{name.split('.mlp.block.')[0]}.mlp.block.router.mlp_out" in state
-            out[arch.gate_keys(layer, "mlp" if mlp_gate else "linear")[0]] = tensor
-        elif leaf == "router.mlp_out":
-            out[arch.gate_keys(layer, "mlp")[1]] = tensor
-        elif leaf == "router.noise_weight":
-            continue  # training-only noise scale; inference uses the clean logits
-        elif leaf == "router.selection_bias":
-            if arch.selection_bias_key is not None:
-                out[arch.selection_bias_key.format(layer=layer)] = tensor.float()
-            elif tensor.abs().max() > 0:
-                raise MoeifyError(
-                    f"{arch.architecture} cannot hold the aux-loss-free selection bias; "
-                    "build with --routing sigmoid-topk (DeepSeek-V3 format) or train without --bias-update-rate"
-                )
-        elif leaf == "experts.gate_up_proj":
-            half = tensor.shape[1] // 2
-            for e in range(tensor.shape[0]):
-                gate_key, up_key, _ = arch.expert_keys(layer, e)
-                out[gate_key], out[up_key] = tensor[e, :half].contiguous(), tensor[e, half:].contiguous()
-        elif leaf == "experts.down_proj":
-            for e in range(tensor.shape[0]):
-                out[arch.expert_keys(layer, e)[2]] = tensor[e].contiguous()
         else:
-            raise AssertionError(f"unmapped MoE tensor {name}")
-    if arch is not None:
-        dtype = next(iter(out.values())).dtype
-        expert_size = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
-        num_experts = getattr(config, "num_local_experts", None) or config.num_experts
-        for layer in range(config.num_hidden_layers):
-            for key, tensor in arch.layer_tensors(layer, None, config.hidden_size, expert_size, num_experts, dtype).items():
-                out.setdefault(key, tensor)
+            per_layer.setdefault(prefixes[prefix], {})[name.removeprefix(prefix)] = tensor
+    for index, canonical in sorted(per_layer.items()):
+        gate = "mlp" if C.ROUTER_MLP_OUT in canonical else "linear"
+        out.update(fmt.disk_tensors(index, MoELayer.from_module_state(canonical), gate))
     return out

@@ -8,14 +8,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
-from moeify.modeling.hf import MoEFeedForward, attach_moe_blocks, output_architecture_of
-
-MANIFEST = "moeify.json"
-
-
-def read_manifest(path: Path) -> dict:
-    file = Path(path) / MANIFEST
-    return json.loads(file.read_text()) if file.is_file() else {}
+from moeify.checkpoint.formats import format_of_model_type
+from moeify.checkpoint.manifest import Manifest
+from moeify.modeling.hf import MoEFeedForward, attach_moe_blocks, moe_layers
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -29,7 +24,8 @@ def load_moe_model(path: Path, device: torch.device | str = "cpu", dispatch: str
                    capacity_factor: float | None = None) -> tuple[torch.nn.Module, list[MoEFeedForward]]:
     """The model with moeify's MoE blocks attached (none for a dense model), fp32 on `device`."""
     path = Path(path)
-    gate = read_manifest(path).get("router", {}).get("gate", "linear")
+    manifest = Manifest.read(path)
+    gate = manifest.gate if manifest else "linear"
     verbosity = hf_logging.get_verbosity()
     if gate != "linear":  # the stock loader does not know the MLP gate's keys; moeify loads them below
         hf_logging.set_verbosity_error()
@@ -39,17 +35,17 @@ def load_moe_model(path: Path, device: torch.device | str = "cpu", dispatch: str
         hf_logging.set_verbosity(verbosity)
     blocks = attach_moe_blocks(model, dispatch, noisy, capacity_factor, gate=gate)
     if gate == "mlp":
-        _load_mlp_gates(path, model, blocks)
+        _load_mlp_gates(path, model)
     return model.to(device), blocks
 
 
 @torch.no_grad()
-def _load_mlp_gates(path: Path, model: torch.nn.Module, blocks: list[MoEFeedForward]) -> None:
-    arch = output_architecture_of(model.config)
+def _load_mlp_gates(path: Path, model: torch.nn.Module) -> None:
+    fmt = format_of_model_type(model.config.model_type)
     wanted = {}
-    for layer, block in enumerate(blocks):
-        key_in, key_out = arch.gate_keys(layer, "mlp")
-        wanted[key_in], wanted[key_out] = block.block.router.weight, block.block.router.mlp_out
+    for index, moe in moe_layers(model).items():
+        key_in, key_out = fmt.gate_disk_keys(index)
+        wanted[key_in], wanted[key_out] = moe.block.router.weight, moe.block.router.mlp_out
     for file in _weight_files(path):
         with safe_open(str(file), framework="pt") as f:
             for key in set(f.keys()) & set(wanted):

@@ -1,12 +1,12 @@
 """Training configuration: one dataclass, loaded from a YAML recipe and overridden by CLI flags."""
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from moeify.errors import MoeifyError
+from moeify.schema import from_flat
 
 
 @dataclass
@@ -15,14 +15,7 @@ class TrainConfig:
     """Model to train: an MoE or dense Hugging Face directory, a .gguf file or an embedded name."""
     from_dense: str | None = None
     """Online upcycling: build the MoE from this dense model inside the job, each rank only its shards
-    (then --model is ignored; --method/--experts/--top-k/--router-std/--scale say how)."""
-    method: str = "upcycle"
-    experts: int = 8
-    top_k: int = 2
-    router_std: float = 0.02
-    scale: float | None = None
-    partition: str | None = None
-    """Online upcycling with a data-driven method: the `moeify split` partition file."""
+    (then --model is ignored; the construction flags or the recipe's build: section say how)."""
     out: str = "moeify-run"
     """Run directory: metrics, checkpoints, and the final model in `model/`."""
     data: str | None = None
@@ -99,9 +92,17 @@ def load_recipe(path: Path, section: str = "train") -> dict:
     return document.get(section, {}) if {"build", "train"} & set(document) else document
 
 
+def recipe_values(path: Path, section: str) -> dict:
+    """Flat settings a verb takes from a recipe: the build: section for build/split/compare-init; for
+    train the train: section over the build: section (online upcycling constructs from it; its seed
+    is the training seed)."""
+    values = dict(load_recipe(path, section))
+    if section == "train":
+        build = {k: v for k, v in load_recipe(path, "build").items() if k != "seed"}
+        values = {**build, **values}
+    return values
+
+
 def make_config(recipe: dict, overrides: dict) -> TrainConfig:
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(recipe) - fields)
-    if unknown:
-        raise MoeifyError(f"unknown training option(s) in recipe: {', '.join(unknown)}")
-    return TrainConfig(**{**recipe, **{k: v for k, v in overrides.items() if v is not None}})
+    """A TrainConfig from a recipe's train: section and overrides (types and names checked)."""
+    return from_flat(TrainConfig, {**recipe, **{k: v for k, v in overrides.items() if v is not None}}, "the training settings")

@@ -1,36 +1,25 @@
 """`moeify train`: continual pre-training of a dense or MoE model on domain-weighted packed data."""
 
-import hashlib
-import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm import tqdm
 
-from moeify.build import MANIFEST, construction_manifest
-from moeify.checkpoint.dense import DenseCheckpoint
-from moeify.checkpoint.resolve import resolve_model
+from moeify.construct import ConstructionConfig
 from moeify.data.packed import PackedDataset
-from moeify.data.prepare import PrepareConfig, prepare, tokenizer_fingerprint
-from moeify.data.sampler import DomainSampler, DynamicWeights, static_weights
 from moeify.errors import MoeifyError
 from moeify.modeling.hf import MoEFeedForward
-from moeify.modeling.load import load_moe_model
-from moeify.modeling.router import RouterSpec
-from moeify.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
+from moeify.train.checkpoint import save_checkpoint
 from moeify.train.config import TrainConfig
-from moeify.train.distributed import DistEnv, all_reduce_sum, barrier, gather_to_list, init_distributed, wrap_model
+from moeify.train.distributed import DistEnv, all_reduce_sum, gather_to_list
 from moeify.train.export import export_stock
 from moeify.train.heldout import autocast_for, heldout_losses, sequence_losses
-from moeify.train.metrics import MetricsLogger, flops_per_token, peak_flops, peak_rss_mb
-from moeify.train.online import OnlineSpec, build_online
-from moeify.train.setup import check_config, make_optimizer, make_scheduler, reference_losses, set_trainable
+from moeify.train.metrics import peak_rss_mb
+from moeify.train.session import Session, open_session
 
 
 @dataclass
@@ -44,135 +33,72 @@ class TrainResult:
     is_main: bool = True  # this process is rank 0
 
 
-def train(config: TrainConfig, progress: bool = True, stop_after_steps: int | None = None) -> TrainResult:
-    """Run (or resume) training. `stop_after_steps` ends this call early, checkpointed, without changing the schedule."""
-    env = init_distributed()
-    check_config(config, env)
-    out = Path(config.out)
-    _prepare_out_dir(out, config, env)
-    model_dir = _on_main_first(env, lambda: resolve_model(config.from_dense or config.model))
-    data = _on_main_first(env, lambda: _dataset(config))
-    if tokenizer_fingerprint(model_dir) != data.tokenizer_fingerprint:
-        raise MoeifyError(
-            f"data in {data.path} was tokenised with another tokenizer than {model_dir}'s; "
-            f"re-run `moeify data prepare --model {config.from_dense or config.model}`"
-        )
-
-    torch.manual_seed(config.seed + env.rank)
-    flops: dict[str, float] = {}
-
-    def before_sharding(model, blocks):
-        set_trainable(model, blocks, config.trainable)
-        if config.activation_checkpointing:
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        flops["per_token"] = flops_per_token(model, data.seq_len)
-
-    if config.from_dense:
-        dense = DenseCheckpoint(model_dir)
-        spec = OnlineSpec(config.method, config.experts, config.top_k, config.seed, config.router_std, config.scale,
-                          config.partition)
-        model, blocks = build_online(dense, spec, env, config.parallel, config.dispatch, config.noisy_gate,
-                                     config.capacity_factor, before_sharding)
-        model_config = model.config
-        plan = spec.plan(dense)
-        manifest = construction_manifest(dense, config.from_dense, model_config.architectures[0], plan, config.top_k,
-                                         RouterSpec(), config.router_std, plan.scale(config.top_k, RouterSpec(), config.scale))
-        manifest["built_online"] = True
-    else:
-        model, blocks = load_moe_model(model_dir, env.device, config.dispatch, config.noisy_gate, config.capacity_factor)
-        before_sharding(model, blocks)
-        model_config = model.config
-        model = wrap_model(model, env, config.parallel)
-        manifest = json.loads((model_dir / MANIFEST).read_text()) if (model_dir / MANIFEST).is_file() else {}
-    rss_after_build = gather_to_list(round(peak_rss_mb(), 1), env)  # per rank
-    if data.meta["tokenizer"]["vocab_size"] > model_config.vocab_size:
-        raise MoeifyError(f"the data's vocabulary is larger than {model_dir}'s embedding table; prepare the data with this model")
-    flops_token = flops["per_token"]
-    model.train()
-
-    steps = config.max_tokens // (config.batch_size * data.seq_len)
-    if steps < 1:
-        raise MoeifyError(f"--max-tokens {config.max_tokens} is less than one batch ({config.batch_size} x {data.seq_len} tokens)")
-    accum = config.batch_size // (config.micro_batch * env.world_size)
-    optimizer = make_optimizer(model, config)
-    scheduler = make_scheduler(optimizer, config, steps)
-    counts = {d: data.num_blocks(d) for d in data.domains}
-    sampler = DomainSampler(counts, static_weights(config.domain_weights, counts), config.seed)
-    dynamic = None
-    if config.dynamic:
-        dynamic = DynamicWeights(reference_losses(config, model_dir, data, env), config.dynamic, config.dynamic_eta)
-
-    identity = _identity(model_config, data, config, env)
-    start_step, tokens_seen = 0, 0
-    if config.resume:
-        state = load_checkpoint(complete_checkpoints(out)[-1], model, optimizer, env, identity)
-        start_step, tokens_seen = state["step"], state["tokens"]
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-    elif env.is_main:
-        (out / "config.yaml").write_text(yaml.safe_dump({"train": asdict(config)}, sort_keys=False))
-
-    logger = MetricsLogger(out, env.is_main, append=config.resume)
-    peak, peak_source = peak_flops(env.device, config.peak_tflops)
-    if start_step == 0:
-        logger.log({"step": 0, "tokens": 0, "domain_weights": sampler.weights, "peak_flops": peak, "peak_flops_source": peak_source,
-                    "flops_per_token": flops_token, "peak_rss_mb_after_build": rss_after_build,
-                    "built_online": bool(config.from_dense), "heldout_loss": heldout_losses(model, data, config.eval_blocks, config.micro_batch, env.device)})
-    result = TrainResult(out, start_step, is_main=env.is_main)
-    end_step = steps if stop_after_steps is None else min(steps, start_step + stop_after_steps)
-    bar = tqdm(total=steps, initial=start_step, desc="train", unit="step", disable=not (progress and env.is_main), file=sys.stderr)
-    last_checkpoint = complete_checkpoints(out)[-1] if config.resume else None
-    if stop_after_steps == 0 and start_step == 0:  # the initial weights, checkpointed (e.g. to compare builds)
-        trainer_state = {"step": 0, "tokens": 0, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(), "identity": identity}
-        save_checkpoint(out, 0, model, optimizer, trainer_state, env, config.keep_checkpoints)
-    for step in range(start_step + 1, end_step + 1):
-        started = time.perf_counter()
-        record = _train_step(model, blocks, optimizer, sampler, data, config, env, accum)
-        if not math.isfinite(record["loss"]):
-            raise MoeifyError(
-                f"the loss became {record['loss']} at step {step}; training stopped, last good checkpoint: "
-                f"{last_checkpoint or 'none'}; lower --lr or check the data"
-            )
-        lr = scheduler.get_last_lr()[0]  # the rate this step used
-        scheduler.step()
-        if config.bias_update_rate > 0:
-            _update_selection_biases(blocks, record.pop("_load"), config.bias_update_rate)
-        record.pop("_load", None)
-        elapsed = time.perf_counter() - started
-        step_tokens = config.batch_size * data.seq_len
-        tokens_seen += step_tokens
-        record.update(step=step, tokens=tokens_seen, lr=lr, tokens_per_s=step_tokens / elapsed,
-                      mfu=step_tokens * flops_token / elapsed / peak if peak else None, domain_weights=sampler.weights,
-                      peak_rss_mb=gather_to_list(round(peak_rss_mb(), 1), env))
-        if (config.eval_every and step % config.eval_every == 0) or step == steps:
-            record["heldout_loss"] = heldout_losses(model, data, config.eval_blocks, config.micro_batch, env.device)
+def train(config: TrainConfig, construction: ConstructionConfig | None = None, progress: bool = True,
+          stop_after_steps: int | None = None) -> TrainResult:
+    """Run (or resume) training; `construction` says how --from-dense builds the MoE.
+    `stop_after_steps` ends this call early, checkpointed, without changing the schedule (0: the initial weights)."""
+    run = open_session(config, construction)
+    result = TrainResult(run.out, run.start_step, is_main=run.env.is_main)
+    end_step = run.steps if stop_after_steps is None else min(run.steps, run.start_step + stop_after_steps)
+    if stop_after_steps == 0 and run.start_step == 0:
+        run.last_checkpoint = _checkpoint(run, 0)
+    bar = tqdm(total=run.steps, initial=run.start_step, desc="train", unit="step", disable=not (progress and run.env.is_main),
+               file=sys.stderr)
+    for step in range(run.start_step + 1, end_step + 1):
+        record = _step(run, step)
+        if "heldout_loss" in record:
             result.heldout = record["heldout_loss"]
-            if dynamic is not None and step < steps:
-                sampler.set_weights(dynamic.update(sampler.weights, record["heldout_loss"]))
-                record["domain_weights"] = sampler.weights
-        if step % config.log_every == 0 or "heldout_loss" in record:
-            logger.log(record)
         result.losses.append(record["loss"])
         result.steps = step
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == end_step:
-            trainer_state = {"step": step, "tokens": tokens_seen, "scheduler": scheduler.state_dict(),
-                             "sampler": sampler.state_dict(), "identity": identity}
-            last_checkpoint = save_checkpoint(out, step, model, optimizer, trainer_state, env, config.keep_checkpoints)
+            run.last_checkpoint = _checkpoint(run, step)
     bar.close()
-    logger.close()
-    result.finished = result.steps == steps
+    run.logger.close()
+    result.finished = result.steps == run.steps
     if result.finished and config.export:
-        manifest["training"] = {"steps": steps, "tokens": tokens_seen, "config": asdict(config), "heldout_loss": result.heldout}
+        training = {"steps": run.steps, "tokens": run.tokens_seen, "config": asdict(config), "heldout_loss": result.heldout}
         try:
-            result.model_dir = export_stock(model, model_config, model_dir, out / "model", env, manifest)
+            result.model_dir = export_stock(run.model, run.model_config, run.model_dir, run.out / "model", run.env, run.manifest, training)
         except MoeifyError as error:
-            print(f"moeify: not exported: {error}; the resumable checkpoint is in {out / 'checkpoints'}", file=sys.stderr)
+            print(f"moeify: not exported: {error}; the resumable checkpoint is in {run.out / 'checkpoints'}", file=sys.stderr)
     return result
+
+
+def _step(run: Session, step: int) -> dict:
+    """One optimizer step, its metrics logged (and the held-out evaluation when due)."""
+    config = run.config
+    started = time.perf_counter()
+    record = _train_step(run.model, run.blocks, run.optimizer, run.sampler, run.data, config, run.env, run.accum)
+    if not math.isfinite(record["loss"]):
+        raise MoeifyError(f"the loss became {record['loss']} at step {step}; training stopped, last good checkpoint: "
+                          f"{run.last_checkpoint or 'none'}; lower --lr or check the data")
+    lr = run.scheduler.get_last_lr()[0]  # the rate this step used
+    run.scheduler.step()
+    load = record.pop("_load", None)
+    if config.bias_update_rate > 0:
+        _update_selection_biases(run.blocks, load, config.bias_update_rate)
+    elapsed = time.perf_counter() - started
+    step_tokens = config.batch_size * run.data.seq_len
+    run.tokens_seen += step_tokens
+    record.update(step=step, tokens=run.tokens_seen, lr=lr, tokens_per_s=step_tokens / elapsed,
+                  mfu=step_tokens * run.flops_per_token / elapsed / run.peak_flops if run.peak_flops else None,
+                  domain_weights=run.sampler.weights, peak_rss_mb=gather_to_list(round(peak_rss_mb(), 1), run.env))
+    if (config.eval_every and step % config.eval_every == 0) or step == run.steps:
+        record["heldout_loss"] = heldout_losses(run.model, run.data, config.eval_blocks, config.micro_batch, run.env.device)
+        if run.dynamic is not None and step < run.steps:
+            run.sampler.set_weights(run.dynamic.update(run.sampler.weights, record["heldout_loss"]))
+            record["domain_weights"] = run.sampler.weights
+    if step % config.log_every == 0 or "heldout_loss" in record:
+        run.logger.log(record)
+    return record
+
+
+def _checkpoint(run: Session, step: int) -> Path:
+    trainer_state = {"step": step, "tokens": run.tokens_seen, "scheduler": run.scheduler.state_dict(),
+                     "sampler": run.sampler.state_dict(), "identity": run.identity}
+    return save_checkpoint(run.out, step, run.model, run.optimizer, trainer_state, run.env, run.config.keep_checkpoints)
 
 
 def _train_step(model, blocks: list[MoEFeedForward], optimizer, sampler, data: PackedDataset, config: TrainConfig,
@@ -239,53 +165,3 @@ def _update_selection_biases(blocks: list[MoEFeedForward], load, rate: float) ->
         bias += rate * torch.sign(load_E.mean() - load_E).to(bias)
 
 
-def _dataset(config: TrainConfig) -> PackedDataset:
-    if config.data:
-        return PackedDataset(Path(config.data))
-    return prepare(PrepareConfig(config.model, seq_len=config.seq_len), progress=False)
-
-
-def _on_main_first(env: DistEnv, make):
-    """Let rank 0 create a cached artefact before the other ranks read it; its error stops every rank."""
-    value, error = None, None
-    if env.is_main:
-        try:
-            value = make()
-        except MoeifyError as raised:
-            error = raised
-    if env.distributed:
-        message = [str(error) if error else None]
-        torch.distributed.broadcast_object_list(message, src=0)
-        if message[0] is not None:
-            raise MoeifyError(message[0])
-    elif error is not None:
-        raise error
-    return value if env.is_main else make()
-
-
-def _prepare_out_dir(out: Path, config: TrainConfig, env: DistEnv) -> None:
-    if config.resume:
-        if not complete_checkpoints(out):
-            raise MoeifyError(f"--resume: {out} holds no complete checkpoint; start without --resume")
-        return
-    if out.exists() and any(out.iterdir()):
-        if not config.force:
-            raise MoeifyError(f"--out {out} holds an earlier run; pass --resume to continue it or --force to start afresh")
-        if env.is_main:
-            shutil.rmtree(out)
-    barrier(env)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    barrier(env)
-
-
-def _identity(model_config, data: PackedDataset, config: TrainConfig, env: DistEnv) -> dict:
-    """What must match for a checkpoint to be resumed."""
-    described = {k: v for k, v in model_config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
-    return {
-        "model_config_sha256": hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest(),
-        "data": data.meta["fingerprint"],
-        "batch_size": config.batch_size,
-        "world_size": env.world_size,
-        "max_tokens": config.max_tokens,
-    }

@@ -1,13 +1,12 @@
 """Training set-up: option checks, trainable parameters, optimizer, schedule, reference losses."""
 
-import json
 import math
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from moeify.build import MANIFEST
+from moeify.checkpoint.manifest import Manifest
 from moeify.checkpoint.resolve import resolve_model
 from moeify.data.packed import PackedDataset
 from moeify.errors import MoeifyError
@@ -90,8 +89,9 @@ def reference_losses(config: TrainConfig, model_dir: Path, data: PackedDataset, 
             raise MoeifyError(f"--reference-losses must name exactly the domains: {', '.join(data.domains)}")
         return values
     reference = config.reference_model
-    if reference is None and (model_dir / MANIFEST).is_file():
-        reference = json.loads((model_dir / MANIFEST).read_text()).get("source_path")
+    manifest = Manifest.read(model_dir)
+    if reference is None and manifest is not None:
+        reference = manifest.source_path
     if reference is None:
         raise MoeifyError("--dynamic needs reference losses: give --reference-losses or --reference-model")
     model = AutoModelForCausalLM.from_pretrained(resolve_model(reference), dtype=torch.float32).to(env.device)

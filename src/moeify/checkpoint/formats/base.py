@@ -1,0 +1,158 @@
+"""What an output format is: a stock transformers MoE architecture moeify writes and reads.
+
+Each format (one file each, next to this one) declares which dense models and MoE features it holds
+exactly (`supports`), derives its config, and maps the canonical tensors of an MoE layer
+(modeling/canonical.py) to its on-disk keys and to the module names of the loaded stock model.
+"""
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from transformers import PretrainedConfig
+
+from moeify.errors import MoeifyError
+from moeify.modeling import canonical as C
+from moeify.modeling.canonical import FFNWeights, MoELayer
+from moeify.modeling.router import RouterSpec
+
+# Dense-config fields that describe the MLP, not the attention/embedding skeleton, and are never copied.
+_NOT_COPIED = {"architectures", "model_type", "intermediate_size", "transformers_version", "dtype", "torch_dtype"}
+
+
+@dataclass(frozen=True)
+class MoEFeatures:
+    """What an MoE needs from an output format besides the dense skeleton."""
+
+    router: RouterSpec = RouterSpec()
+    shared_size: int = 0  # neurons of the always-active shared expert (0: none)
+
+    def describe(self) -> str:
+        parts = [self.router.routing + ("" if self.router.renormalize else " without renormalisation")]
+        if self.shared_size:
+            parts.append(f"a shared expert of {self.shared_size} neurons")
+        return ", ".join(parts)
+
+    @property
+    def softmax_family(self) -> bool:
+        return self.router.routing in ("topk-softmax", "softmax-topk")
+
+
+def _config_fields(config_class: type[PretrainedConfig]) -> set[str]:
+    fields: set[str] = set()
+    for cls in config_class.__mro__:
+        fields.update(getattr(cls, "__annotations__", {}))
+    return fields
+
+
+def head_dim(dense: PretrainedConfig) -> int:
+    return getattr(dense, "head_dim", None) or dense.hidden_size // dense.num_attention_heads
+
+
+def empty_ffn(hidden_size: int, dtype: torch.dtype) -> FFNWeights:
+    """A feed-forward with no neurons: it adds exactly zero."""
+    return FFNWeights(torch.zeros(0, hidden_size, dtype=dtype), torch.zeros(0, hidden_size, dtype=dtype),
+                      torch.zeros(hidden_size, 0, dtype=dtype))
+
+
+def pad_ffn(ffn: FFNWeights, multiple: int) -> FFNWeights:
+    """`ffn` with zero neurons appended (they add nothing) up to a multiple of `multiple` neurons."""
+    pad = -ffn.size % multiple
+    if pad == 0:
+        return ffn
+    hidden = ffn.gate.shape[1]
+    return FFNWeights(torch.cat([ffn.gate, ffn.gate.new_zeros(pad, hidden)]), torch.cat([ffn.up, ffn.up.new_zeros(pad, hidden)]),
+                      torch.cat([ffn.down, ffn.down.new_zeros(hidden, pad)], dim=1))
+
+
+def shared_blocks(shared_size: int, expert_size: int) -> int:
+    return math.ceil(shared_size / expert_size)
+
+
+class OutputFormat:
+    name: ClassVar[str]
+    architecture: ClassVar[str]
+    config_class: ClassVar[type[PretrainedConfig]]
+    dense_families: ClassVar[tuple[str, ...]]
+    disk_prefix: ClassVar[str] = "model.layers.{layer}.mlp"
+    # Canonical name -> key under disk_prefix; experts' (gate, up, down) keys take {expert}.
+    disk_names: ClassVar[dict[str, str]] = {C.ROUTER: "gate.weight"}
+    expert_disk_names: ClassVar[tuple[str, str, str]] = ("experts.{expert}.gate_proj.weight", "experts.{expert}.up_proj.weight",
+                                                         "experts.{expert}.down_proj.weight")
+    # Canonical name -> name in the loaded stock model under model.layers.L.mlp (transformers 5 fuses experts).
+    module_names: ClassVar[dict[str, str]] = {C.ROUTER: "gate.weight", C.GATE_UP: "experts.gate_up_proj", C.DOWN: "experts.down_proj"}
+
+    def supports(self, dense: PretrainedConfig, features: MoEFeatures) -> str | None:
+        """None if this format holds an MoE of `dense` with `features` exactly, else what blocks it.
+        The MLP gate is judged apart (no stock format has it): see formats.choose_format."""
+        if dense.model_type not in self.dense_families:
+            return f"{self.architecture} is made from {'/'.join(self.dense_families)} models, not {dense.model_type}"
+        return None
+
+    def moe_fields(self, dense: PretrainedConfig, num_experts: int, top_k: int, expert_size: int, features: MoEFeatures) -> dict:
+        raise NotImplementedError
+
+    def make_config(self, dense: PretrainedConfig, num_experts: int, top_k: int, expert_size: int,
+                    features: MoEFeatures = MoEFeatures()) -> PretrainedConfig:
+        accepted = _config_fields(self.config_class)
+        values = {k: v for k, v in dense.to_dict().items() if k in accepted and k not in _NOT_COPIED}
+        values.update(self.moe_fields(dense, num_experts, top_k, expert_size, features))
+        config = self.config_class(**values)
+        config.architectures = [self.architecture]
+        config.dtype = dense.dtype
+        return config
+
+    def router_spec(self, config: PretrainedConfig) -> RouterSpec:
+        """The routing a stock model of this format computes."""
+        return RouterSpec()
+
+    def from_construction(self, layer: MoELayer, expert_size: int) -> MoELayer:
+        """A freshly constructed layer (ungated shared expert, if any) as this format holds it."""
+        if layer.shared is not None:
+            raise AssertionError(f"{self.architecture} has no shared expert")
+        return self.complete(layer)
+
+    def complete(self, layer: MoELayer) -> MoELayer:
+        """Add what the format always stores but the layer may lack (an empty shared expert, a zero bias)."""
+        return layer
+
+    def disk_tensors(self, index: int, layer: MoELayer, gate: str = "linear") -> Iterator[tuple[str, torch.Tensor]]:
+        """(on-disk key, tensor) of one layer: router (or moeify's MLP gate keys), experts, the rest."""
+        layer = self.complete(layer)
+        prefix = self.disk_prefix.format(layer=index)
+        router_key = f"{prefix}.{self.disk_names[C.ROUTER]}"
+        if gate == "linear":
+            yield router_key, layer.router
+        else:  # moeify's own keys, unknown to stock transformers: a stock load reports the router missing
+            yield router_key.removesuffix(".weight") + ".mlp_in.weight", layer.router
+            yield router_key.removesuffix(".weight") + ".mlp_out.weight", layer.router_mlp_out
+        for expert, weights in enumerate(layer.experts):
+            for name, tensor in zip(self.expert_disk_names, (weights.gate, weights.up, weights.down)):
+                yield f"{prefix}.{name.format(expert=expert)}", tensor.contiguous()
+        if layer.selection_bias is not None:
+            if C.SELECTION_BIAS in self.disk_names:
+                yield f"{prefix}.{self.disk_names[C.SELECTION_BIAS]}", layer.selection_bias.float()  # stock keeps it in fp32
+            elif layer.selection_bias.abs().max() > 0:
+                raise MoeifyError(f"{self.architecture} cannot hold the aux-loss-free selection bias; build with --routing "
+                                  "sigmoid-topk (DeepSeek-V3 format) or train without --bias-update-rate")
+        if layer.shared is not None:
+            for name, tensor in zip(C.SHARED, (layer.shared.gate, layer.shared.up, layer.shared.down)):
+                yield f"{prefix}.{self.disk_names[name]}", tensor
+        if layer.shared_gate is not None:
+            yield f"{prefix}.{self.disk_names[C.SHARED_GATE]}", layer.shared_gate
+
+    def gate_disk_keys(self, index: int) -> tuple[str, str]:
+        """moeify's MLP gate keys (in, out) of one layer."""
+        router = f"{self.disk_prefix.format(layer=index)}.{self.disk_names[C.ROUTER]}".removesuffix(".weight")
+        return f"{router}.mlp_in.weight", f"{router}.mlp_out.weight"
+
+    def read_module(self, stock_mlp: torch.nn.Module) -> MoELayer:
+        """The canonical tensors of a loaded stock MoE block (views of its parameters); an empty
+        shared expert counts as none."""
+        state = dict(stock_mlp.state_dict(keep_vars=True))
+        canonical = {name: state[stock].data for name, stock in self.module_names.items() if stock in state}
+        if C.SHARED[0] in canonical and canonical[C.SHARED[0]].shape[0] == 0:
+            canonical = {k: v for k, v in canonical.items() if k not in (*C.SHARED, C.SHARED_GATE)}
+        return MoELayer.from_module_state(canonical)

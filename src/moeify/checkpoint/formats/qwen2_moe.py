@@ -1,0 +1,63 @@
+"""Qwen2-MoE: softmax routing (renormalised or not) and one sigmoid-gated shared expert; from Qwen2,
+and the format of Llama/Mistral MoEs with a shared expert or without renormalisation."""
+
+import torch
+from transformers import PretrainedConfig, Qwen2MoeConfig
+
+from moeify.checkpoint.formats.base import MoEFeatures, OutputFormat, empty_ffn, head_dim
+from moeify.checkpoint.formats.qwen_attention import qwen_attention_reason
+from moeify.modeling import canonical as C
+from moeify.modeling.canonical import MoELayer
+from moeify.modeling.router import RouterSpec
+
+SHARED_NAMES = dict(zip(C.SHARED, ("shared_expert.gate_proj.weight", "shared_expert.up_proj.weight", "shared_expert.down_proj.weight")))
+
+
+def qwen_moe_fields(num_experts: int, top_k: int, expert_size: int, features: MoEFeatures) -> dict:
+    # softmax-top-k renormalised == Mixtral's top-k-then-softmax
+    return {"moe_intermediate_size": expert_size, "num_experts": num_experts, "num_experts_per_tok": top_k,
+            "norm_topk_prob": features.router.renormalize, "decoder_sparse_step": 1, "mlp_only_layers": [],
+            "router_aux_loss_coef": 0.01}
+
+
+def qwen_router_spec(config: PretrainedConfig) -> RouterSpec:
+    return RouterSpec() if config.norm_topk_prob else RouterSpec("softmax-topk", renormalize=False)
+
+
+class Qwen2Moe(OutputFormat):
+    name = "qwen2_moe"
+    architecture = "Qwen2MoeForCausalLM"
+    config_class = Qwen2MoeConfig
+    dense_families = ("qwen2", "llama", "mistral")
+    disk_names = {C.ROUTER: "gate.weight", **SHARED_NAMES, C.SHARED_GATE: "shared_expert_gate.weight"}
+    module_names = {**OutputFormat.module_names, **SHARED_NAMES, C.SHARED_GATE: "shared_expert_gate.weight"}
+
+    def supports(self, dense: PretrainedConfig, features: MoEFeatures) -> str | None:
+        if not features.softmax_family:
+            return f"{self.architecture} routes by softmax, not {features.router.routing}"
+        return qwen_attention_reason("Qwen2-MoE", dense) or super().supports(dense, features)
+
+    def moe_fields(self, dense: PretrainedConfig, num_experts: int, top_k: int, expert_size: int, features: MoEFeatures) -> dict:
+        # Qwen2 always has q/k/v biases, Llama and Mistral never.
+        return {**qwen_moe_fields(num_experts, top_k, expert_size, features), "qkv_bias": dense.model_type == "qwen2",
+                "shared_expert_intermediate_size": features.shared_size, "head_dim": head_dim(dense)}
+
+    def router_spec(self, config: PretrainedConfig) -> RouterSpec:
+        return qwen_router_spec(config)
+
+    def from_construction(self, layer: MoELayer, expert_size: int) -> MoELayer:
+        # Qwen2-MoE gates its shared expert by sigmoid(x W); W = 0 gives 1/2, so the down projection
+        # is doubled (exact in floating point) and the block starts as an ungated shared expert.
+        if layer.shared is not None and layer.shared_gate is None:
+            shared = layer.shared
+            gate = torch.zeros(1, shared.gate.shape[1], dtype=shared.gate.dtype)
+            layer = MoELayer(layer.router, layer.experts, layer.router_mlp_out, layer.selection_bias,
+                             type(shared)(shared.gate, shared.up, shared.down * 2), gate)
+        return self.complete(layer)
+
+    def complete(self, layer: MoELayer) -> MoELayer:
+        if layer.shared is not None:
+            return layer
+        hidden, dtype = layer.router.shape[1], layer.router.dtype  # always a shared expert: an empty one adds zero
+        return MoELayer(layer.router, layer.experts, layer.router_mlp_out, layer.selection_bias, empty_ffn(hidden, dtype),
+                        torch.zeros(1, hidden, dtype=dtype))

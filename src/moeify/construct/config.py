@@ -1,0 +1,131 @@
+"""The construction schema: one dataclass for `build`, `split`, `compare-init`, online upcycling and
+the `build:` section of recipes and experiments. Flags and recipe keys are the leaf names below."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from moeify.errors import MoeifyError
+from moeify.modeling.router import RouterSpec
+from moeify.schema import leaf_names, replace_flat, to_flat
+
+RouterInit = Literal["auto", "normal", "virtual-group", "centroids"]
+
+
+@dataclass
+class RouterOptions:
+    top_k: int = 2
+    """Experts per token k."""
+    routing: Literal["topk-softmax", "softmax-topk", "sigmoid-topk"] = "topk-softmax"
+    """Scoring order: topk-softmax (Mixtral), softmax-topk (Qwen-MoE), sigmoid-topk (DeepSeek-V3)."""
+    renormalize: bool = True
+    """softmax-topk / sigmoid-topk: renormalise the k kept scores (topk-softmax always sums to 1)."""
+    gate: Literal["linear", "mlp"] = "linear"
+    """Router network: linear, or LLaMA-MoE's Linear-tanh-Linear (moeify format only)."""
+    router_std: float = 0.02
+    """Router initialised N(0, router_std); 0 gives zeros (uniform routing)."""
+    router_init: RouterInit = "auto"
+    """auto | normal | virtual-group (granular-upcycle) | centroids (clustering)."""
+
+    def spec(self) -> RouterSpec:
+        # top-k-then-softmax is renormalised by construction, whatever the flag says.
+        return RouterSpec(self.routing, self.renormalize or self.routing == "topk-softmax", self.gate)
+
+
+@dataclass
+class SplitOptions:
+    expert_size: int | None = None
+    """Neurons per routed expert (sharing methods; default: what tiles the FFN)."""
+    shared_size: int | None = None
+    """Neurons of the always-active shared expert (random-split, sharing-inter)."""
+
+
+@dataclass
+class UpcycleOptions:
+    granularity: int = 1
+    """granular-upcycle: slices G per copy of the FFN; experts = copies x G."""
+    drop_ratio: float = 0.5
+    """drop-upcycle: fraction of each expert's neurons re-initialised."""
+    noise_std: float = 0.01
+    """noise-upcycle: Gaussian noise, relative to each weight matrix's standard deviation."""
+
+
+@dataclass
+class ClusteringOptions:
+    cluster_on: Literal["up", "gate"] = "up"
+    """clustering: the rows clustered, up or gate."""
+    restarts: int = 1
+    """clustering: k-means++ starts per layer (the best objective is kept)."""
+
+
+@dataclass
+class CalibrationOptions:
+    calibration: str | None = None
+    """Calibration text: 'embedded' or DOMAIN=PATH[,DOMAIN=PATH...] (data-driven methods)."""
+    calibration_tokens: int = 16384
+    """Calibration tokens read (data-driven methods)."""
+    calibration_seq_len: int = 256
+    """Calibration block length."""
+    graph_density: float = 0.1
+    """co-activation: fraction of neuron pairs kept as graph edges (the strongest)."""
+
+
+@dataclass
+class ConstructionConfig:
+    method: str = "upcycle"
+    """Construction method (moeify inspect lists them)."""
+    num_experts: int = 8
+    """Routed experts E."""
+    seed: int = 0
+    """Seed of partition, router and re-initialisation; same seed, same bytes."""
+    scale: float | None = None
+    """Output scale folded into each expert's down projection; default: the method's (E/k for splits)."""
+    partition: Path | None = None
+    """A `moeify split` partition file; its method and method options replace the given ones."""
+    router: RouterOptions = field(default_factory=RouterOptions)
+    split: SplitOptions = field(default_factory=SplitOptions)
+    upcycle: UpcycleOptions = field(default_factory=UpcycleOptions)
+    clustering: ClusteringOptions = field(default_factory=ClusteringOptions)
+    data: CalibrationOptions = field(default_factory=CalibrationOptions)
+
+    @property
+    def top_k(self) -> int:
+        return self.router.top_k
+
+    def check_routing(self) -> None:
+        check_routing(self.num_experts, self.router.top_k)
+        if self.router.router_std < 0:
+            raise MoeifyError(f"--router-std must be >= 0, got {self.router.router_std}")
+        if self.scale is not None and self.scale <= 0:
+            raise MoeifyError(f"--scale must be positive, got {self.scale}")
+
+
+# The leaves a partition file records and replaces: the method and its options (not the router).
+PARTITION_GROUPS = ("split", "upcycle", "clustering", "data")
+PARTITION_ROOT_KEYS = ("method", "num_experts", "seed")
+
+
+def check_routing(num_experts: int, top_k: int) -> None:
+    if num_experts < 1:
+        raise MoeifyError(f"--num-experts must be at least 1, got {num_experts}")
+    if top_k < 1:
+        raise MoeifyError(f"--top-k must be at least 1, got {top_k}")
+    if top_k > num_experts:
+        raise MoeifyError(f"--top-k {top_k} is larger than --num-experts {num_experts}; choose top-k <= experts")
+
+
+def method_options(config: ConstructionConfig) -> dict:
+    """What a partition file records of how it was made: the method, E, seed and the method options."""
+    recorded = {key: getattr(config, key) for key in PARTITION_ROOT_KEYS}
+    for group in PARTITION_GROUPS:
+        recorded.update(to_flat(getattr(config, group)))
+    return {k: v for k, v in recorded.items() if v is not None}
+
+
+def with_method_options(config: ConstructionConfig, recorded: dict) -> ConstructionConfig:
+    """`config` with the method and method options a partition file recorded (router options stay)."""
+    return replace_flat(config, **{k: v for k, v in recorded.items() if k in PARTITION_ROOT_KEYS or _in_groups(k)})
+
+
+def _in_groups(key: str) -> bool:
+    return any(key in leaf_names(group) for group in (SplitOptions, UpcycleOptions, ClusteringOptions, CalibrationOptions))

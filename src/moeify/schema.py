@@ -1,0 +1,177 @@
+"""Dataclass configs as the one schema of flags, YAML recipes and Python calls.
+
+A config may nest option groups (dataclasses inside dataclasses); every leaf field has a name that
+is unique across the whole tree, so a recipe section and the command line are flat mappings of leaf
+names. Types (int, float, bool, str, Path, Optional, Literal) are checked here, in one place.
+"""
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from moeify.errors import MoeifyError
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    name: str
+    path: tuple[str, ...]  # attribute path from the root config
+    kind: Any  # the annotated type
+    default: Any
+    doc: str
+
+
+def _is_group(kind: Any) -> bool:
+    return isinstance(kind, type) and dataclasses.is_dataclass(kind)
+
+
+def field_docs(schema: type) -> dict[str, str]:
+    """The string literal under each field of a dataclass (and its bases), as written in the source."""
+    docs: dict[str, str] = {}
+    for cls in reversed(schema.__mro__[:-1]):
+        try:
+            body = ast.parse(inspect.getsource(cls)).body[0].body
+        except (OSError, TypeError):
+            continue
+        for node, following in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr)
+                    and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str)):
+                docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def leaves(schema: type, prefix: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> Iterator[Leaf]:
+    """Every leaf field; a group field's metadata {"skip": names} hides those leaves of the group
+    (they keep their defaults), so two groups may share a name once."""
+    hints = typing.get_type_hints(schema)
+    docs = field_docs(schema)
+    for f in dataclasses.fields(schema):
+        kind = hints[f.name]
+        if _is_group(kind):
+            yield from leaves(kind, (*prefix, f.name), tuple(f.metadata.get("skip", ())))
+            continue
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        yield Leaf(f.name, (*prefix, f.name), kind, default, docs.get(f.name, ""))
+
+
+def leaf_names(schema: type) -> set[str]:
+    return {leaf.name for leaf in leaves(schema)}
+
+
+def unknown_keys_error(keys: set[str], known: set[str], where: str) -> MoeifyError:
+    hints = []
+    for key in sorted(keys):
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hints.append(f"{key} (did you mean {close[0]}?)" if close else key)
+    return MoeifyError(f"unknown key(s) in {where}: {', '.join(hints)}")
+
+
+def from_flat(schema: type, values: dict[str, Any], where: str = "the settings", **fixed: Any):
+    """Build `schema` from a flat mapping of leaf names (unknown keys refused, types checked);
+    `fixed` gives required root fields that are not part of the flat namespace."""
+    by_name = {leaf.name: leaf for leaf in leaves(schema)}
+    unknown = set(values) - set(by_name)
+    if unknown:
+        raise unknown_keys_error(unknown, set(by_name), where)
+    checked = {name: coerce(by_name[name], value, where) for name, value in values.items()}
+    missing = [leaf.name for leaf in by_name.values() if leaf.default is dataclasses.MISSING and leaf.name not in checked
+               and leaf.name not in fixed]
+    if missing:
+        raise MoeifyError(f"{where} lacks {', '.join(missing)}")
+    return _construct(schema, checked, (), fixed)
+
+
+def _construct(schema: type, values: dict[str, Any], prefix: tuple[str, ...], fixed: dict[str, Any], skip: tuple[str, ...] = ()):
+    hints = typing.get_type_hints(schema)
+    kwargs = {}
+    for f in dataclasses.fields(schema):
+        if _is_group(hints[f.name]):
+            kwargs[f.name] = _construct(hints[f.name], values, (*prefix, f.name), {}, tuple(f.metadata.get("skip", ())))
+        elif f.name in values and f.name not in skip:
+            kwargs[f.name] = values[f.name]
+        elif not prefix and f.name in fixed:
+            kwargs[f.name] = fixed[f.name]
+    return schema(**kwargs)
+
+
+def to_flat(config: Any) -> dict[str, Any]:
+    """The leaf values of a config, by leaf name (Paths as strings), in field order."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(to_flat(value))
+        else:
+            out[f.name] = str(value) if isinstance(value, Path) else value
+    return out
+
+
+def replace_flat(config: Any, **values: Any):
+    """A copy of `config` with the given leaf values replaced (types checked)."""
+    return from_flat(type(config), {**{k: v for k, v in to_flat(config).items() if k in leaf_names(type(config))}, **values})
+
+
+def _choices(kind: Any) -> tuple | None:
+    if typing.get_origin(kind) is Literal:
+        return typing.get_args(kind)
+    return None
+
+
+def base_type(kind: Any) -> Any:
+    """int for `int | None`, the Literal for `Literal[...] | None`."""
+    inner = [a for a in typing.get_args(kind) if a is not type(None)] if typing.get_origin(kind) in (typing.Union, _UnionType) else []
+    return inner[0] if len(inner) == 1 else kind
+
+
+_UnionType = type(int | None)
+
+
+def optional(kind: Any) -> bool:
+    return typing.get_origin(kind) in (typing.Union, _UnionType) and type(None) in typing.get_args(kind)
+
+
+def coerce(leaf: Leaf, value: Any, where: str) -> Any:
+    """`value` as the leaf's type, or a one-line error naming the key, the value and what it must be."""
+    if value is None:
+        if optional(leaf.kind):
+            return None
+        raise MoeifyError(f"{leaf.name} in {where} must not be empty")
+    kind = base_type(leaf.kind)
+    choices = _choices(kind)
+    if choices is not None:
+        if value not in choices:
+            raise MoeifyError(f"{leaf.name} in {where} is {value!r}; choose one of: {', '.join(map(str, choices))}")
+        return value
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, (str, Path)):
+            return str(value)
+    elif kind is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+    elif typing.get_origin(kind) is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    else:
+        return value
+    raise MoeifyError(f"{leaf.name} in {where} is {value!r}; it must be {_type_name(kind)}")
+
+
+def _type_name(kind: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path"}.get(kind, str(kind))

@@ -1,0 +1,183 @@
+"""Everything a training run needs before its first step: the process group, the run directory, data,
+the model (loaded, or built online), optimizer, schedule, sampler, resume state and the metrics sink."""
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from moeify.checkpoint.dense import DenseCheckpoint
+from moeify.checkpoint.manifest import Manifest
+from moeify.checkpoint.resolve import resolve_model
+from moeify.construct import ConstructionConfig
+from moeify.data.packed import PackedDataset
+from moeify.data.prepare import PrepareConfig, prepare, tokenizer_fingerprint
+from moeify.data.sampler import DomainSampler, DynamicWeights, static_weights
+from moeify.errors import MoeifyError
+from moeify.modeling.hf import MoEFeedForward
+from moeify.modeling.load import load_moe_model
+from moeify.train.checkpoint import complete_checkpoints, load_checkpoint
+from moeify.train.config import TrainConfig
+from moeify.train.distributed import DistEnv, barrier, gather_to_list, init_distributed, wrap_model
+from moeify.train.heldout import heldout_losses
+from moeify.train.metrics import MetricsLogger, flops_per_token, peak_flops, peak_rss_mb
+from moeify.train.online import build_online
+from moeify.train.setup import check_config, make_optimizer, make_scheduler, reference_losses, set_trainable
+
+
+@dataclass
+class Session:
+    config: TrainConfig
+    env: DistEnv
+    out: Path
+    model_dir: Path
+    data: PackedDataset
+    model: torch.nn.Module
+    model_config: object
+    blocks: list[MoEFeedForward]
+    manifest: Manifest | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: DomainSampler
+    dynamic: DynamicWeights | None
+    identity: dict
+    logger: MetricsLogger
+    steps: int  # optimizer steps of the whole budget
+    accum: int  # micro-steps per optimizer step on each rank
+    flops_per_token: float
+    peak_flops: float | None
+    start_step: int
+    tokens_seen: int
+    last_checkpoint: Path | None
+
+
+def open_session(config: TrainConfig, construction: ConstructionConfig | None = None) -> Session:
+    """Set a run up (or resume it); every check that can fail runs before the first step."""
+    env = init_distributed()
+    check_config(config, env)
+    out = Path(config.out)
+    _prepare_out_dir(out, config, env)
+    model_dir = _on_main_first(env, lambda: resolve_model(config.from_dense or config.model))
+    data = _on_main_first(env, lambda: _dataset(config))
+    if tokenizer_fingerprint(model_dir) != data.tokenizer_fingerprint:
+        raise MoeifyError(
+            f"data in {data.path} was tokenised with another tokenizer than {model_dir}'s; "
+            f"re-run `moeify data prepare --model {config.from_dense or config.model}`"
+        )
+
+    torch.manual_seed(config.seed + env.rank)
+    flops: dict[str, float] = {}
+
+    def before_sharding(model, blocks):
+        set_trainable(model, blocks, config.trainable)
+        if config.activation_checkpointing:
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        flops["per_token"] = flops_per_token(model, data.seq_len)
+
+    if config.from_dense:
+        online = build_online(DenseCheckpoint(model_dir), construction or ConstructionConfig(seed=config.seed), config.from_dense,
+                              env, config.parallel, config.dispatch, config.noisy_gate, config.capacity_factor, before_sharding)
+        model, blocks, manifest = online.model, online.blocks, online.manifest
+        model_config = model.config
+    else:
+        model, blocks = load_moe_model(model_dir, env.device, config.dispatch, config.noisy_gate, config.capacity_factor)
+        before_sharding(model, blocks)
+        model_config = model.config
+        model = wrap_model(model, env, config.parallel)
+        manifest = Manifest.read(model_dir)
+    rss_after_build = gather_to_list(round(peak_rss_mb(), 1), env)  # per rank
+    if data.meta["tokenizer"]["vocab_size"] > model_config.vocab_size:
+        raise MoeifyError(f"the data's vocabulary is larger than {model_dir}'s embedding table; prepare the data with this model")
+    flops_token = flops["per_token"]
+    model.train()
+
+    steps = config.max_tokens // (config.batch_size * data.seq_len)
+    if steps < 1:
+        raise MoeifyError(f"--max-tokens {config.max_tokens} is less than one batch ({config.batch_size} x {data.seq_len} tokens)")
+    accum = config.batch_size // (config.micro_batch * env.world_size)
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config, steps)
+    counts = {d: data.num_blocks(d) for d in data.domains}
+    sampler = DomainSampler(counts, static_weights(config.domain_weights, counts), config.seed)
+    dynamic = None
+    if config.dynamic:
+        dynamic = DynamicWeights(reference_losses(config, model_dir, data, env), config.dynamic, config.dynamic_eta)
+
+    identity = _identity(model_config, data, config, env)
+    start_step, tokens_seen = 0, 0
+    if config.resume:
+        state = load_checkpoint(complete_checkpoints(out)[-1], model, optimizer, env, identity)
+        start_step, tokens_seen = state["step"], state["tokens"]
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+    elif env.is_main:
+        (out / "config.yaml").write_text(yaml.safe_dump({"train": asdict(config)}, sort_keys=False))
+
+    logger = MetricsLogger(out, env.is_main, append=config.resume)
+    peak, peak_source = peak_flops(env.device, config.peak_tflops)
+    if start_step == 0:
+        logger.log({"step": 0, "tokens": 0, "domain_weights": sampler.weights, "peak_flops": peak, "peak_flops_source": peak_source,
+                    "flops_per_token": flops_token, "peak_rss_mb_after_build": rss_after_build,
+                    "built_online": bool(config.from_dense), "heldout_loss": heldout_losses(model, data, config.eval_blocks, config.micro_batch, env.device)})
+    return Session(config, env, out, model_dir, data, model, model_config, blocks, manifest, optimizer, scheduler, sampler, dynamic,
+                   identity, logger, steps, accum, flops_token, peak, start_step, tokens_seen,
+                   complete_checkpoints(out)[-1] if config.resume else None)
+
+
+def _dataset(config: TrainConfig) -> PackedDataset:
+    if config.data:
+        return PackedDataset(Path(config.data))
+    return prepare(PrepareConfig(config.model, seq_len=config.seq_len), progress=False)
+
+
+def _on_main_first(env: DistEnv, make):
+    """Let rank 0 create a cached artefact before the other ranks read it; its error stops every rank."""
+    value, error = None, None
+    if env.is_main:
+        try:
+            value = make()
+        except MoeifyError as raised:
+            error = raised
+    if env.distributed:
+        message = [str(error) if error else None]
+        torch.distributed.broadcast_object_list(message, src=0)
+        if message[0] is not None:
+            raise MoeifyError(message[0])
+    elif error is not None:
+        raise error
+    return value if env.is_main else make()
+
+
+def _prepare_out_dir(out: Path, config: TrainConfig, env: DistEnv) -> None:
+    if config.resume:
+        if not complete_checkpoints(out):
+            raise MoeifyError(f"--resume: {out} holds no complete checkpoint; start without --resume")
+        return
+    if out.exists() and any(out.iterdir()):
+        if not config.force:
+            raise MoeifyError(f"--out {out} holds an earlier run; pass --resume to continue it or --force to start afresh")
+        if env.is_main:
+            shutil.rmtree(out)
+    barrier(env)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    barrier(env)
+
+
+def _identity(model_config, data: PackedDataset, config: TrainConfig, env: DistEnv) -> dict:
+    """What must match for a checkpoint to be resumed."""
+    described = {k: v for k, v in model_config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    return {
+        "model_config_sha256": hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest(),
+        "data": data.meta["fingerprint"],
+        "batch_size": config.batch_size,
+        "world_size": env.world_size,
+        "max_tokens": config.max_tokens,
+    }
