@@ -35,7 +35,7 @@ def _initial_weights(run: Path, moe_config) -> dict[str, torch.Tensor]:
     merged = run / "merged.pt"
     dcp_to_torch_save(run / "checkpoints" / "step-000000" / "dcp", merged)
     state = torch.load(merged)["model"]
-    return stock_state_dict({k: v for k, v in state.items() if "selection_bias" not in k}, moe_config)
+    return stock_state_dict(state, moe_config)
 
 
 def _assert_same_as_offline(weights: dict, tiny_moe: Path) -> None:
@@ -118,15 +118,60 @@ def test_dense_checkpoint_missing_tensors(tiny_models, tiny_data, tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("method,flags", [("clustering", []), ("granular-upcycle", ["--granularity", "2"])])
-def test_online_build_from_a_partition_file_equals_build(method, flags, tiny_models, tiny_data, tmp_path):
-    from moeify.build import build, build_config
+# (split flags or None for a method without a partition file, build/online flags, the format it lands in)
+CONSTRUCTIONS = {
+    "shared-expert": (["--method", "random-split", "--shared-size", "16", "--seed", "3"], [], "Qwen2MoeForCausalLM"),
+    "centroids": (["--method", "clustering"], ["--router-init", "centroids"], "MixtralForCausalLM"),
+    "virtual-group": (["--method", "granular-upcycle", "--granularity", "2"], [], "MixtralForCausalLM"),
+    "drop-upcycle": (None, ["--method", "drop-upcycle", "--drop-ratio", "0.25"], "MixtralForCausalLM"),
+    "sigmoid-mlp-gate": (["--method", "random-split", "--shared-size", "16"],
+                         ["--routing", "sigmoid-topk", "--no-renormalize", "--gate", "mlp"], "Glm4MoeForCausalLM"),
+}
+TRAIN_FLAGS = ["--batch-size", "8", "--micro-batch", "2", "--max-tokens", str(8 * 32 * 4), "--no-export"]
+
+
+def _offline_and_online_flags(name: str, dense: str, tmp_path: Path) -> tuple[Path, list[str]]:
+    """Build the case with `moeify build`; return its directory and the construction flags online upcycling gets."""
+    from moeify.cli import main
+
+    split_flags, flags, architecture = CONSTRUCTIONS[name]
+    flags = [*flags, "--num-experts", "4", "--top-k", "2", "--router-std", "0.1"]
+    if split_flags is not None:
+        partition = tmp_path / "p.safetensors"
+        assert main(["split", dense, *split_flags, "--num-experts", "4", "--out", str(partition)]) == 0
+        flags += ["--partition", str(partition)]
+    offline = tmp_path / "offline"
+    assert main(["build", dense, "--out", str(offline), *flags]) == 0
+    assert AutoConfig.from_pretrained(offline).architectures == [architecture]
+    return offline, flags
+
+
+@pytest.mark.parametrize("name", list(CONSTRUCTIONS))
+def test_online_build_is_bit_identical_to_build_for_every_option(name, tiny_models, tiny_data, tmp_path):
     from moeify.cli import main
 
     dense = str(tiny_models["llama"])
-    partition = tmp_path / "p.safetensors"
-    assert main(["split", dense, "--method", method, "--experts", "4", *flags, "--out", str(partition)]) == 0
-    offline = build(build_config(model=dense, out=tmp_path / "offline", partition=partition, top_k=2, router_std=0.1), progress=False)
-    config = train_config(offline, tiny_data, tmp_path / "run", from_dense=dense)
-    train(config, construction(num_experts=4, top_k=2, router_std=0.1, partition=str(partition)), progress=False, stop_after_steps=0)
+    offline, flags = _offline_and_online_flags(name, dense, tmp_path)
+    seed = ["--seed", "3"] if name == "shared-expert" else []  # online constructs with the training seed
+    assert main(["train", "--from-dense", dense, "--data", str(tiny_data), "--out", str(tmp_path / "run"), *TRAIN_FLAGS, *flags,
+                 *seed, "--stop-after-steps", "0"]) == 0
     _assert_same_as_offline(_initial_weights(tmp_path / "run", AutoConfig.from_pretrained(offline)), offline)
+
+
+@pytest.mark.parametrize("name", ["shared-expert", "sigmoid-mlp-gate"])
+def test_two_rank_online_build_is_bit_identical_to_build(name, tiny_models, tiny_data, tmp_path):
+    dense = str(tiny_models["llama"])
+    offline, flags = _offline_and_online_flags(name, dense, tmp_path)
+    seed = ["--seed", "3"] if name == "shared-expert" else []
+    _torchrun(tmp_path / "init", tiny_data, "--from-dense", dense, *flags, *seed, "--stop-after-steps", "0")
+    _assert_same_as_offline(_initial_weights(tmp_path / "init", AutoConfig.from_pretrained(offline)), offline)
+
+
+def test_a_data_driven_method_online_without_a_partition_is_refused(tiny_models, tiny_data, tmp_path, capsys):
+    from moeify.cli import main
+
+    assert main(["train", "--from-dense", str(tiny_models["llama"]), "--data", str(tiny_data), "--out", str(tmp_path / "run"),
+                 *TRAIN_FLAGS, "--method", "clustering", "--num-experts", "4"]) == 2
+    error = capsys.readouterr().err
+    assert "--method clustering needs a partition here: run `moeify split" in error and error.count("\n") == 1
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -18,10 +18,11 @@ from moeify.construct import ConstructionConfig
 from moeify.checkpoint.atomic import atomic_directory
 from moeify.checkpoint.resolve import resolve_model
 from moeify.construct import get_method
-from moeify.data.embedded import heldout_text
+from moeify.data.embedded import pydoc_topics
+from moeify.data.text import tokenize_joined
 from moeify.errors import MoeifyError
 from moeify.evaluate.params import parameter_counts
-from moeify.evaluate.perplexity import blocks_of, score_blocks
+from moeify.evaluate.scoring import blocks_of, score_blocks
 from moeify.evaluate.plots import bar_chart
 from moeify.modeling.load import load_moe_model
 
@@ -60,7 +61,7 @@ def compare_init(config: CompareInitConfig, progress: bool = True) -> list[dict]
     dense_dir = resolve_model(config.model)
     tokenizer = AutoTokenizer.from_pretrained(dense_dir)
     try:
-        blocks = blocks_of(tokenizer(heldout_text())["input_ids"], config.block_size, config.eval_tokens)
+        blocks = blocks_of(tokenize_joined(tokenizer, pydoc_topics(heldout=True)), config.block_size, config.eval_tokens)
     except ValueError as error:
         raise MoeifyError(f"held-out text too short: {error}; lower --block-size") from None
     rows: list[dict] = []
@@ -75,9 +76,9 @@ def compare_init(config: CompareInitConfig, progress: bool = True) -> list[dict]
                 manifest = Manifest.read(path)
                 settings = {"expert_size": manifest.expert_size, "shared_size": manifest.shared_size, "scale": manifest.scale}
             model, _ = load_moe_model(path)
-            scores = score_blocks(model.eval(), blocks)
+            scores = score_blocks(model, blocks)
             total, active = parameter_counts(model)
-            rows.append({"method": name, "perplexity": scores.perplexity, "mean_nll": scores.mean_nll, "tokens": scores.tokens,
+            rows.append({"method": name, "perplexity": scores.perplexity, "mean_nll": scores.loss, "tokens": scores.tokens,
                          "total_params": total, "active_params": active, "expert_size": settings.get("expert_size"),
                          "shared_size": settings.get("shared_size", 0), "scale": settings.get("scale")})
             del model

@@ -16,10 +16,11 @@ from moeify.build import BuildConfig, build
 from moeify.construct import ConstructionConfig
 from moeify.construct.config import RouterOptions
 from moeify.checkpoint.resolve import DEFAULT_MODEL, cache_dir, resolve_model
-from moeify.data.embedded import heldout_text
+from moeify.data.embedded import pydoc_topics
+from moeify.data.text import tokenize_joined
 from moeify.evaluate.generate import greedy, prompt_ids
 from moeify.evaluate.params import parameter_counts
-from moeify.evaluate.perplexity import blocks_of, score_blocks
+from moeify.evaluate.scoring import blocks_of, score_blocks
 
 
 @dataclass
@@ -72,7 +73,7 @@ def quickstart(config: QuickstartConfig) -> list[Row]:
     torch.manual_seed(config.seed)
     dense_dir = resolve_model(config.model)
     tokenizer = AutoTokenizer.from_pretrained(dense_dir)
-    blocks = blocks_of(tokenizer(heldout_text())["input_ids"], config.block_size, config.eval_tokens)
+    blocks = blocks_of(tokenize_joined(tokenizer, pydoc_topics(heldout=True)), config.block_size, config.eval_tokens)
     _log(f"held-out text: {blocks.numel()} tokens of Python's help topics, {blocks.shape[0]} blocks of {config.block_size}")
     prompt = prompt_ids(tokenizer, config.prompt)
 
@@ -103,7 +104,7 @@ def quickstart(config: QuickstartConfig) -> list[Row]:
             path = target
         _log(f"scoring {name} (reloaded from disk with stock transformers)")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        scores = score_blocks(model, blocks)
+        scores = score_blocks(model, blocks, batch_size=1, keep_logits=True)
         diff = None if dense_logits is None else (scores.logits - dense_logits).abs().max().item()
         dense_logits = scores.logits if dense_logits is None else dense_logits
         total, active = parameter_counts(model)

@@ -16,8 +16,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moeify.construct.kmeans import balanced_kmeans
-from moeify.data.embedded import HELDOUT_EVERY, embedded_corpus
+from moeify.data.embedded import embedded_corpus
 from moeify.data.sources import Source, read_documents
+from moeify.data.text import split_heldout, tokenize_joined
 from moeify.errors import MoeifyError
 
 EMBEDDED = "embedded"
@@ -38,7 +39,7 @@ class CalibrationData:
 def calibration_documents(spec: str) -> dict[str, list[str]]:
     if spec == EMBEDDED:
         corpus = embedded_corpus(400_000)
-        return {domain: [doc for i, doc in enumerate(docs) if i % HELDOUT_EVERY] for domain, docs in corpus.items()}
+        return {domain: split_heldout(docs)[0] for domain, docs in corpus.items()}
     documents: dict[str, list[str]] = {}
     for part in spec.split(","):
         source = Source.parse(part.strip())
@@ -48,16 +49,10 @@ def calibration_documents(spec: str) -> dict[str, list[str]]:
 
 def load_calibration(spec: str, model_dir: Path, max_tokens: int, seq_len: int) -> CalibrationData:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     per_domain: list[torch.Tensor] = []
     names = []
     for domain, docs in sorted(calibration_documents(spec).items()):
-        ids: list[int] = []
-        budget = max_tokens + seq_len
-        for doc in docs:
-            ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"] + [eos])
-            if len(ids) >= budget:
-                break
+        ids = tokenize_joined(tokenizer, docs, max_tokens + seq_len)
         count = len(ids) // seq_len
         if count:
             per_domain.append(torch.tensor(ids[: count * seq_len]).view(count, seq_len))

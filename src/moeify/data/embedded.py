@@ -14,18 +14,15 @@ from pathlib import Path
 
 from pydoc_data.topics import topics
 
-HELDOUT_EVERY = 10  # every 10th document of a domain (in order) is held out from training
+from moeify.data.text import split_heldout
+
 _SKIPPED_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo", "__pycache__"}
 
 
 def pydoc_topics(heldout: bool) -> list[str]:
-    """Python's help-topic texts in name order: the held-out tenth, or the other nine tenths."""
-    names = sorted(topics)
-    return [topics[name] for i, name in enumerate(names) if (i % HELDOUT_EVERY == 0) == heldout]
-
-
-def heldout_text() -> str:
-    return "\n\n".join(pydoc_topics(heldout=True))
+    """Python's help-topic texts in name order (the `reference` domain): its held-out documents, or the others."""
+    training, held = split_heldout([topics[name] for name in sorted(topics)])
+    return held if heldout else training
 
 
 def _stdlib_sources() -> list[Path]:

@@ -11,9 +11,10 @@ from tqdm import tqdm
 
 from moeify.checkpoint.atomic import atomic_directory
 from moeify.checkpoint.resolve import DEFAULT_MODEL, cache_dir, resolve_model
-from moeify.data.embedded import HELDOUT_EVERY, embedded_corpus
+from moeify.data.embedded import embedded_corpus
 from moeify.data.packed import META, PackedDataset
 from moeify.data.sources import Source, read_documents
+from moeify.data.text import HELDOUT_EVERY, document_separator, split_heldout, tokenize_joined
 from moeify.errors import MoeifyError
 
 FORMAT_VERSION = 1
@@ -80,9 +81,7 @@ def prepare(config: PrepareConfig, progress: bool = True) -> PackedDataset:
         return PackedDataset(out)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
-    if eos is None:
-        raise MoeifyError(f"the tokenizer of {model_dir} has no EOS or BOS token to separate documents")
+    eos = document_separator(tokenizer)
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
     if sources:
         documents: dict[str, list[str]] = {}
@@ -99,7 +98,7 @@ def prepare(config: PrepareConfig, progress: bool = True) -> PackedDataset:
             docs = documents[domain]
             if not docs:
                 raise MoeifyError(f"domain {domain!r} has no text; check its source (empty files are skipped)")
-            split = _split_documents(tokenizer, docs, eos)
+            split = _split_documents(tokenizer, docs)
             meta["domains"][domain] = {"documents": len(docs)}
             for name, tokens in split.items():
                 blocks = len(tokens) // config.seq_len
@@ -115,15 +114,12 @@ def prepare(config: PrepareConfig, progress: bool = True) -> PackedDataset:
     return PackedDataset(out)
 
 
-def _split_documents(tokenizer, docs: list[str], eos: int) -> dict[str, list[int]]:
-    """Held-out split: every 10th document when there are at least 10, else the last 10% of tokens."""
-    ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
-    streams: dict[str, list[int]] = {"train": [], "val": []}
+def _split_documents(tokenizer, docs: list[str]) -> dict[str, list[int]]:
+    """Held-out split: the held-out documents (data/text.py) when there are at least HELDOUT_EVERY,
+    else the last 1/HELDOUT_EVERY of the tokens."""
     if len(docs) >= HELDOUT_EVERY:
-        for i, doc_ids in enumerate(ids):
-            streams["val" if i % HELDOUT_EVERY == 0 else "train"].extend(doc_ids + [eos])
-    else:
-        flat = [t for doc_ids in ids for t in doc_ids + [eos]]
-        cut = len(flat) - len(flat) // HELDOUT_EVERY
-        streams = {"train": flat[:cut], "val": flat[cut:]}
-    return streams
+        training, heldout = split_heldout(docs)
+        return {"train": tokenize_joined(tokenizer, training), "val": tokenize_joined(tokenizer, heldout)}
+    flat = tokenize_joined(tokenizer, docs)
+    cut = len(flat) - len(flat) // HELDOUT_EVERY
+    return {"train": flat[:cut], "val": flat[cut:]}

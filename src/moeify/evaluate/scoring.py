@@ -1,23 +1,46 @@
-"""Per-domain loss, perplexity and bits per byte of a causal LM on raw documents.
+"""The one scorer: next-token loss, perplexity and bits per byte of a causal LM.
 
-Every document is tokenised with the model's own tokenizer, prefixed with EOS (or BOS), and cut
-into windows of `seq_len` predictions; each document token is predicted exactly once. Bits per
-byte = total NLL / ln 2 / UTF-8 bytes of the documents, which does not depend on the tokenizer,
-so models with different tokenizers compare.
+Used by `eval` (raw documents), training's held-out loss (packed blocks), `quickstart` and
+`compare-init` (blocks, with logits kept for |Δlogit|). For documents, each is prefixed with the
+document separator (data/text.py) and cut into windows of `seq_len` predictions, so every document
+token is predicted exactly once. Bits per byte = total NLL / ln 2 / UTF-8 bytes of the text, which
+does not depend on the tokenizer, so models with different tokenizers compare.
 """
 
+import contextlib
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from moeify.data.text import document_separator
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on GPU; plain fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def next_token_logits(model: torch.nn.Module, ids_BS: torch.Tensor) -> torch.Tensor:
+    """Logits of the S-1 predictions a block makes: the model reads ids[:, :-1] (the last token is only a target)."""
+    return model(input_ids=ids_BS[:, :-1]).logits
+
+
+def next_token_nll(model: torch.nn.Module, ids_BS: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy (fp32, nats) of each next-token prediction, [B, S-1]."""
+    return F.cross_entropy(next_token_logits(model, ids_BS).float().transpose(1, 2), ids_BS[:, 1:], reduction="none")
+
 
 @dataclass
-class DomainScore:
+class Score:
     nll_nats: float  # summed over predicted tokens
     tokens: int
-    bytes: int
+    bytes: int | None = None  # UTF-8 bytes the predictions cover (documents only)
+    logits: torch.Tensor | None = None  # [blocks, block_size - 1, vocab] when kept
 
     @property
     def loss(self) -> float:
@@ -32,13 +55,48 @@ class DomainScore:
         return self.nll_nats / math.log(2) / self.bytes
 
     def summary(self) -> dict:
-        return {**asdict(self), "loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte}
+        return {"nll_nats": self.nll_nats, "tokens": self.tokens, "bytes": self.bytes, "loss": self.loss,
+                "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte}
+
+
+@torch.no_grad()
+def score_blocks(model: torch.nn.Module, blocks_NS: torch.Tensor, batch_size: int = 4, keep_logits: bool = False,
+                 on_batch: Callable[[], None] | None = None) -> Score:
+    """Every block scored independently (its first token is context only); the model's train/eval
+    mode is kept as it was. `on_batch()` runs after each forward (e.g. to collect routing statistics)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll, count, logits = 0.0, 0, []
+    try:
+        for start in range(0, blocks_NS.shape[0], batch_size):
+            ids_BS = blocks_NS[start : start + batch_size].long().to(device)
+            with autocast_for(device):
+                logits_BSV = next_token_logits(model, ids_BS).float()
+                nll_BS = F.cross_entropy(logits_BSV.transpose(1, 2), ids_BS[:, 1:], reduction="none")
+            if keep_logits:
+                logits.append(logits_BSV.cpu())
+            nll += nll_BS.sum().item()
+            count += nll_BS.numel()
+            if on_batch is not None:
+                on_batch()
+    finally:
+        model.train(was_training)
+    return Score(nll, count, logits=torch.cat(logits) if keep_logits else None)
+
+
+def blocks_of(token_ids: list[int], block_size: int, max_tokens: int) -> torch.Tensor:
+    """The first max_tokens tokens cut into full blocks [N, block_size]."""
+    usable = min(len(token_ids), max_tokens) // block_size * block_size
+    if usable == 0:
+        raise ValueError(f"need at least {block_size} tokens of text, got {len(token_ids)}")
+    return torch.tensor(token_ids[:usable]).view(-1, block_size)
 
 
 def document_windows(tokenizer, documents: list[str], seq_len: int, max_tokens: int) -> tuple[list[torch.Tensor], int]:
     """Windows of seq_len + 1 tokens (inputs and shifted targets) covering up to max_tokens
     predictions, and the UTF-8 bytes of the text those predictions cover."""
-    start_token = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+    start_token = document_separator(tokenizer)
     windows, predicted, text_bytes = [], 0, 0
     for doc in documents:
         if predicted >= max_tokens:
@@ -56,23 +114,14 @@ def document_windows(tokenizer, documents: list[str], seq_len: int, max_tokens: 
     return windows, text_bytes
 
 
-@torch.no_grad()
 def score_documents(model, tokenizer, documents: list[str], seq_len: int, max_tokens: int, batch_size: int = 4,
-                    on_batch=None) -> DomainScore:
-    """`on_batch()` is called after every forward pass (e.g. to collect routing statistics)."""
+                    on_batch: Callable[[], None] | None = None) -> Score:
     windows, text_bytes = document_windows(tokenizer, documents, seq_len, max_tokens)
-    nll, count = 0.0, 0
     by_length: dict[int, list[torch.Tensor]] = {}
     for window in windows:
         by_length.setdefault(len(window), []).append(window)
-    device = next(model.parameters()).device
-    for length in sorted(by_length, reverse=True):
-        group = by_length[length]
-        for start in range(0, len(group), batch_size):
-            batch = torch.stack(group[start : start + batch_size]).to(device)
-            logits = model(input_ids=batch[:, :-1]).logits.float()
-            nll += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
-            count += batch[:, 1:].numel()
-            if on_batch is not None:
-                on_batch()
-    return DomainScore(nll, count, text_bytes)
+    nll, count = 0.0, 0
+    for length in sorted(by_length, reverse=True):  # windows of one length batch together
+        score = score_blocks(model, torch.stack(by_length[length]), batch_size, on_batch=on_batch)
+        nll, count = nll + score.nll_nats, count + score.tokens
+    return Score(nll, count, text_bytes)

@@ -1,7 +1,8 @@
 """Evaluation text: given sources, or the embedded corpus's held-out documents."""
 
-from moeify.data.embedded import HELDOUT_EVERY, embedded_corpus
+from moeify.data.embedded import embedded_corpus
 from moeify.data.sources import Source, read_documents
+from moeify.data.text import split_heldout
 from moeify.errors import MoeifyError
 
 
@@ -10,7 +11,7 @@ def evaluation_documents(sources: list[str], max_chars_per_domain: int = 2_000_0
     tenth of the embedded corpus (the documents `moeify data prepare` keeps out of training)."""
     if not sources:
         corpus = embedded_corpus(max_chars_per_domain)
-        return {domain: docs[::HELDOUT_EVERY] for domain, docs in corpus.items()}
+        return {domain: split_heldout(docs)[1] for domain, docs in corpus.items()}
     documents: dict[str, list[str]] = {}
     for spec in sources:
         source = Source.parse(spec)

@@ -1,39 +1,16 @@
-"""Held-out loss per domain on a prepared dataset."""
-
-import contextlib
+"""Training's losses, from the one scorer (evaluate/scoring.py): per sequence for the step, per domain held out."""
 
 import torch
-import torch.nn.functional as F
 
 from moeify.data.packed import PackedDataset
-
-
-def autocast_for(device: torch.device):
-    """bf16 autocast on GPU; plain fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from moeify.evaluate.scoring import next_token_nll, score_blocks
 
 
 def sequence_losses(model: torch.nn.Module, ids_BS: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of each sequence, [B]."""
-    logits_BSV = model(input_ids=ids_BS).logits
-    nll_BS = F.cross_entropy(logits_BSV[:, :-1].float().transpose(1, 2), ids_BS[:, 1:], reduction="none")
-    return nll_BS.mean(dim=1)
+    return next_token_nll(model, ids_BS).mean(dim=1)
 
 
-@torch.no_grad()
-def heldout_losses(model: torch.nn.Module, data: PackedDataset, blocks_per_domain: int, batch: int, device: torch.device) -> dict[str, float]:
-    """Mean loss on the first `blocks_per_domain` held-out blocks of every domain (same on every rank)."""
-    was_training = model.training
-    model.eval()
-    losses = {}
-    for domain in data.domains:
-        blocks = data.blocks(domain, "val", blocks_per_domain)
-        total = 0.0
-        for start in range(0, len(blocks), batch):
-            with autocast_for(device):
-                total += sequence_losses(model, blocks[start : start + batch].to(device)).sum().item()
-        losses[domain] = total / len(blocks)
-    model.train(was_training)
-    return losses
+def heldout_losses(model: torch.nn.Module, data: PackedDataset, blocks_per_domain: int, batch: int) -> dict[str, float]:
+    """Loss (nats per token) on the first `blocks_per_domain` held-out blocks of every domain (same on every rank)."""
+    return {domain: score_blocks(model, data.blocks(domain, "val", blocks_per_domain), batch).loss for domain in data.domains}

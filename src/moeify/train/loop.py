@@ -17,7 +17,8 @@ from moeify.train.checkpoint import save_checkpoint
 from moeify.train.config import TrainConfig
 from moeify.train.distributed import DistEnv, all_reduce_sum, gather_to_list
 from moeify.train.export import export_stock
-from moeify.train.heldout import autocast_for, heldout_losses, sequence_losses
+from moeify.evaluate.scoring import autocast_for
+from moeify.train.heldout import heldout_losses, sequence_losses
 from moeify.train.metrics import peak_rss_mb
 from moeify.train.session import Session, open_session
 
@@ -86,7 +87,7 @@ def _step(run: Session, step: int) -> dict:
                   mfu=step_tokens * run.flops_per_token / elapsed / run.peak_flops if run.peak_flops else None,
                   domain_weights=run.sampler.weights, peak_rss_mb=gather_to_list(round(peak_rss_mb(), 1), run.env))
     if (config.eval_every and step % config.eval_every == 0) or step == run.steps:
-        record["heldout_loss"] = heldout_losses(run.model, run.data, config.eval_blocks, config.micro_batch, run.env.device)
+        record["heldout_loss"] = heldout_losses(run.model, run.data, config.eval_blocks, config.micro_batch)
         if run.dynamic is not None and step < run.steps:
             run.sampler.set_weights(run.dynamic.update(run.sampler.weights, record["heldout_loss"]))
             record["domain_weights"] = run.sampler.weights

@@ -125,7 +125,7 @@ def open_session(config: TrainConfig, construction: ConstructionConfig | None = 
     if start_step == 0:
         logger.log({"step": 0, "tokens": 0, "domain_weights": sampler.weights, "peak_flops": peak, "peak_flops_source": peak_source,
                     "flops_per_token": flops_token, "peak_rss_mb_after_build": rss_after_build,
-                    "built_online": bool(config.from_dense), "heldout_loss": heldout_losses(model, data, config.eval_blocks, config.micro_batch, env.device)})
+                    "built_online": bool(config.from_dense), "heldout_loss": heldout_losses(model, data, config.eval_blocks, config.micro_batch)})
     return Session(config, env, out, model_dir, data, model, model_config, blocks, manifest, optimizer, scheduler, sampler, dynamic,
                    identity, logger, steps, accum, flops_token, peak, start_step, tokens_seen,
                    complete_checkpoints(out)[-1] if config.resume else None)

@@ -95,6 +95,6 @@ def reference_losses(config: TrainConfig, model_dir: Path, data: PackedDataset, 
     if reference is None:
         raise MoeifyError("--dynamic needs reference losses: give --reference-losses or --reference-model")
     model = AutoModelForCausalLM.from_pretrained(resolve_model(reference), dtype=torch.float32).to(env.device)
-    losses = heldout_losses(model, data, config.eval_blocks, config.micro_batch, env.device)
+    losses = heldout_losses(model, data, config.eval_blocks, config.micro_batch)
     del model
     return losses
