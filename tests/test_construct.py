@@ -58,7 +58,7 @@ def test_partition_files_are_deterministic_under_a_seed(tiny_models, tmp_path, m
     files = {}
     for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
         files[name] = tmp_path / f"{name}.safetensors"
-        assert main(["split", str(tiny_models["llama"]), "--method", method, "--experts", "4", "--seed", str(seed),
+        assert main(["split", str(tiny_models["llama"]), "--method", method, "--num-experts", "4", "--seed", str(seed),
                      "--calibration", "embedded", "--calibration-tokens", "2048", "--calibration-seq-len", "64",
                      "--out", str(files[name])]) == 0
     assert files["a"].read_bytes() == files["b"].read_bytes()

@@ -111,8 +111,12 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 """)
-    scores = run_lm_eval(str(tiny_models["llama"]), ["tiny_mc"], include=tasks)
-    assert 0.0 <= scores["tiny_mc"]["acc,none"] <= 1.0
+    upcycled = build(build_config(model=str(tiny_models["llama"]), out=tmp_path / "moe", method="upcycle", num_experts=4), progress=False)
+    dense_scores = run_lm_eval(str(tiny_models["llama"]), ["tiny_mc"], include=tasks)["tiny_mc"]
+    moe_scores = run_lm_eval(str(upcycled), ["tiny_mc"], include=tasks)["tiny_mc"]
+    # The upcycled MoE is the dense model at init: the harness must pick the same answers for both.
+    assert moe_scores["acc,none"] == dense_scores["acc,none"] and moe_scores["acc_norm,none"] == dense_scores["acc_norm,none"]
+    assert dense_scores["acc,none"] * len(rows) in (0, 1, 2)  # a mean over exactly the two questions
     with pytest.raises(MoeifyError, match="lm-eval has no task no_such_task"):
         run_lm_eval(str(tiny_models["llama"]), ["no_such_task"], include=tasks)
 
@@ -136,6 +140,11 @@ def test_bad_inputs(capsys, tiny_models, tmp_path):
     _one_line_error(capsys, ["report", str(tmp_path)], "has no metrics.jsonl")
 
 
-def test_generate(capsys, tiny_models):
+def test_generate_is_greedy_decoding_of_the_model(capsys, tiny_models):
     assert main(["generate", str(tiny_models["llama"]), "--prompt", "def", "--max-new-tokens", "5"]) == 0
-    assert capsys.readouterr().out.strip() != ""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32)
+    ids = tokenizer("def", return_tensors="pt")["input_ids"]
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                              pad_token_id=tokenizer.eos_token_id)
+    assert capsys.readouterr().out.strip() == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True).strip()

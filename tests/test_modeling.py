@@ -42,8 +42,10 @@ def test_dispatch_matches_reference(shape, dispatch):
     x = torch.randn(2, T, D, generator=torch.Generator().manual_seed(1))
     if dispatch == "grouped_mm" and not grouped_mm_supported(x, torch.empty(E, 2 * F, D), torch.empty(E, D, F)):
         pytest.skip("grouped_mm unavailable for this shape (needs 16-byte aligned dims)")
-    y_ref, aux_ref, grads_ref = _run(_block(T, D, F, E, k, "reference"), x)
-    y, aux, grads = _run(_block(T, D, F, E, k, dispatch), x)
+    reference, block = _block(T, D, F, E, k, "reference"), _block(T, D, F, E, k, dispatch)
+    y_ref, aux_ref, grads_ref = _run(reference, x)
+    y, aux, grads = _run(block, x)
+    assert (reference.experts.last_dispatch, block.experts.last_dispatch) == ("reference", dispatch)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(aux, aux_ref)
     for name, g, g_ref in zip(["input", "router", "gate_up", "down"], grads, grads_ref):
@@ -61,10 +63,14 @@ def test_unused_expert_gets_zero_gradient():
     assert experts.down_proj.grad[:2].abs().min() > 0
 
 
-def test_auto_dispatch_chooses_a_path_that_runs():
-    block = _block(10, 10, 8, 4, 2, "auto")  # 10 not aligned -> loop
-    y = block(torch.randn(1, 10, 10)).hidden
-    assert y.shape == (1, 10, 10) and torch.isfinite(y).all()
+@pytest.mark.parametrize("hidden", [10, 16])
+def test_auto_dispatch_takes_grouped_mm_where_it_applies_and_the_loop_elsewhere(hidden):
+    block = _block(10, hidden, 8, 4, 2, "auto")
+    x = torch.randn(1, 10, hidden)
+    expected = "grouped_mm" if grouped_mm_supported(x, block.experts.gate_up_proj, block.experts.down_proj) else "loop"
+    y = block(x).hidden
+    assert block.experts.last_dispatch == expected and (hidden == 10) == (expected == "loop")  # 10 fp32 = 40 bytes: unaligned
+    torch.testing.assert_close(y, _block(10, hidden, 8, 4, 2, "reference")(x).hidden, rtol=1e-5, atol=1e-5)
 
 
 def test_router_is_topk_then_softmax():

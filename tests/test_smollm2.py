@@ -3,8 +3,13 @@
 import json
 import math
 
+import pytest
+
 from moeify.cli import main
 from moeify.quickstart import QuickstartConfig, format_rows, quickstart
+
+
+pytestmark = pytest.mark.slow
 
 
 def test_quickstart_numbers_are_sane(tmp_path):
@@ -27,7 +32,7 @@ def test_quickstart_numbers_are_sane(tmp_path):
 
 
 def test_inspect_smollm2(capsys):
-    assert main(["inspect", "smollm2-135m", "--experts", "16", "--top-k", "4", "--json"]) == 0
+    assert main(["inspect", "smollm2-135m", "--num-experts", "16", "--top-k", "4", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert (report["family"], report["output_architecture"]) == ("llama", "MixtralForCausalLM")
     assert (report["num_layers"], report["hidden_size"], report["ffn_size"]) == (30, 576, 1536)

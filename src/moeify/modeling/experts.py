@@ -23,6 +23,7 @@ class Experts(nn.Module):
         self.hidden_size = hidden_size
         self.expert_size = expert_size
         self.dispatch = dispatch
+        self.last_dispatch: str | None = None  # the path the last forward took ("auto" resolved)
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * expert_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, expert_size))
 
@@ -37,6 +38,7 @@ class Experts(nn.Module):
         if dispatch == "auto":
             usable = grouped_mm_supported(x_TD, self.gate_up_proj, self.down_proj)
             dispatch = "grouped_mm" if usable else "loop"
+        self.last_dispatch = dispatch
         if dispatch == "reference":
             if keep_TK is not None:
                 weights_TK = weights_TK * keep_TK

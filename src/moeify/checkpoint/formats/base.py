@@ -81,6 +81,9 @@ class OutputFormat:
     disk_names: ClassVar[dict[str, str]] = {C.ROUTER: "gate.weight"}
     expert_disk_names: ClassVar[tuple[str, str, str]] = ("experts.{expert}.gate_proj.weight", "experts.{expert}.up_proj.weight",
                                                          "experts.{expert}.down_proj.weight")
+    # True: the experts are written as the stock model holds them in memory, fused [E, 2S, D] / [E, D, S]
+    # under module_names (transformers 5 loads them without converting); False: one key per expert.
+    fused_experts: ClassVar[bool] = False
     # Canonical name -> name in the loaded stock model under model.layers.L.mlp (transformers 5 fuses experts).
     module_names: ClassVar[dict[str, str]] = {C.ROUTER: "gate.weight", C.GATE_UP: "experts.gate_up_proj", C.DOWN: "experts.down_proj"}
 
@@ -128,9 +131,13 @@ class OutputFormat:
         else:  # moeify's own keys, unknown to stock transformers: a stock load reports the router missing
             yield router_key.removesuffix(".weight") + ".mlp_in.weight", layer.router
             yield router_key.removesuffix(".weight") + ".mlp_out.weight", layer.router_mlp_out
-        for expert, weights in enumerate(layer.experts):
-            for name, tensor in zip(self.expert_disk_names, (weights.gate, weights.up, weights.down)):
-                yield f"{prefix}.{name.format(expert=expert)}", tensor.contiguous()
+        if self.fused_experts:
+            for name in (C.GATE_UP, C.DOWN):
+                yield f"{prefix}.{self.module_names[name]}", layer.module_tensor(name)
+        else:
+            for expert, weights in enumerate(layer.experts):
+                for name, tensor in zip(self.expert_disk_names, (weights.gate, weights.up, weights.down)):
+                    yield f"{prefix}.{name.format(expert=expert)}", tensor.contiguous()
         if layer.selection_bias is not None:
             if C.SELECTION_BIAS in self.disk_names:
                 yield f"{prefix}.{self.disk_names[C.SELECTION_BIAS]}", layer.selection_bias.float()  # stock keeps it in fp32
