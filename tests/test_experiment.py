@@ -47,3 +47,26 @@ def test_unknown_experiment_is_a_one_line_error(capsys):
     assert main(["experiment", "nope"]) == 2
     error = capsys.readouterr().err
     assert "construction" in error and error.count("\n") == 1
+
+
+def test_experiments_ship_inside_the_wheel(tmp_path):
+    """`moeify experiment NAME` must work from an installed package, not only from a source checkout."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "--quiet", "-w", str(tmp_path)],
+                   check=True, capture_output=True)
+    wheel = next(tmp_path.glob("moeify-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert sorted(Path(n).stem for n in names if n.startswith("moeify/experiments/") and n.endswith(".yaml")) == sorted(SHIPPED)
+
+
+def test_a_misspelt_key_in_an_experiment_is_refused_with_a_suggestion(tmp_path, capsys):
+    spec = tmp_path / "typo.yaml"
+    spec.write_text(yaml.safe_dump({"name": "typo", "model": "smollm2-135m", "arms": [{"name": "a", "train": {"max_token": 5}}]}))
+    assert main(["experiment", str(spec), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "max_token (did you mean max_tokens?)" in error and error.count("\n") == 1

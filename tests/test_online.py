@@ -124,6 +124,8 @@ CONSTRUCTIONS = {
     "centroids": (["--method", "clustering"], ["--router-init", "centroids"], "MixtralForCausalLM"),
     "virtual-group": (["--method", "granular-upcycle", "--granularity", "2"], [], "MixtralForCausalLM"),
     "drop-upcycle": (None, ["--method", "drop-upcycle", "--drop-ratio", "0.25"], "MixtralForCausalLM"),
+    "named-format": (None, ["--method", "upcycle", "--format", "qwen2_moe", "--routing", "softmax-topk", "--no-renormalize"],
+                     "Qwen2MoeForCausalLM"),
     "sigmoid-mlp-gate": (["--method", "random-split", "--shared-size", "16"],
                          ["--routing", "sigmoid-topk", "--no-renormalize", "--gate", "mlp"], "Glm4MoeForCausalLM"),
 }

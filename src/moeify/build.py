@@ -29,9 +29,6 @@ class BuildConfig:
     out: Path
     """Output directory (created atomically)."""
     construction: ConstructionConfig = field(default_factory=ConstructionConfig)
-    format: str | None = None
-    """Output format (mixtral, qwen2_moe, qwen3_moe, deepseek-v3); default: sigmoid routing -> deepseek-v3,
-    else the dense family's own, else qwen2_moe."""
     max_shard_mb: float = 1024
     """safetensors shard size (MiB)."""
     force: bool = False
@@ -51,7 +48,7 @@ def build(config: BuildConfig, progress: bool = True) -> Path:
     check_output_dir(out, config.force)
     dense = DenseCheckpoint(resolve_model(config.model))
     plan = ConstructionPlan.make(dense, config.construction, config.model, progress)
-    fmt, format_name = choose_format(dense.config, plan.features, config.format)
+    fmt, format_name = choose_format(dense.config, plan.features, plan.config.format)
     moe_config = fmt.make_config(dense.config, plan.num_experts, plan.top_k, plan.expert_size, plan.features)
     manifest = plan.manifest(dense, config.model, fmt.architecture, format_name).replace(source_sha256=weights_digest(dense.files()))
     tensors = moe_tensors(dense, plan, fmt, progress)

@@ -102,6 +102,15 @@ def _construct(schema: type, values: dict[str, Any], prefix: tuple[str, ...], fi
     return schema(**kwargs)
 
 
+def validate(config: Any, where: str = "the settings") -> None:
+    """Check every leaf of a config built in Python (flags and recipes are checked by from_flat)."""
+    for leaf in leaves(type(config)):
+        value = config
+        for name in leaf.path:
+            value = getattr(value, name)
+        coerce(leaf, value, where)
+
+
 def to_flat(config: Any) -> dict[str, Any]:
     """The leaf values of a config, by leaf name (Paths as strings), in field order."""
     out: dict[str, Any] = {}

@@ -82,6 +82,9 @@ class ConstructionConfig:
     """Output scale folded into each expert's down projection; default: the method's (E/k for splits)."""
     partition: Path | None = None
     """A `moeify split` partition file; its method and method options replace the given ones."""
+    format: str | None = None
+    """Output format (mixtral, qwen2_moe, qwen3_moe, deepseek-v3); default: sigmoid routing -> deepseek-v3,
+    else the dense family's own, else qwen2_moe."""
     router: RouterOptions = field(default_factory=RouterOptions)
     split: SplitOptions = field(default_factory=SplitOptions)
     upcycle: UpcycleOptions = field(default_factory=UpcycleOptions)

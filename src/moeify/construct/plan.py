@@ -18,6 +18,7 @@ from moeify.construct.partition import Partition, model_fingerprint
 from moeify.construct.registry import get_method
 from moeify.construct.seeding import ROUTER_STREAM, layer_generator
 from moeify.errors import MoeifyError
+from moeify.schema import validate
 from moeify.modeling.canonical import FFNWeights, LazyExperts, MoELayer
 from moeify.checkpoint.formats.base import MoEFeatures
 
@@ -36,6 +37,7 @@ class ConstructionPlan:
              compute_partition: bool = True) -> "ConstructionPlan":
         """`compute_partition=False` refuses data-driven methods without a partition file (online upcycling:
         every rank would compute it)."""
+        validate(config, "the construction settings")
         partition = None
         if config.partition is not None:
             partition = Partition.load(config.partition)

@@ -1,6 +1,7 @@
 """Training configuration: one dataclass, loaded from a YAML recipe and overridden by CLI flags."""
 
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import yaml
@@ -39,7 +40,7 @@ class TrainConfig:
     seed: int = 0
     domain_weights: str = "proportional"
     """Static weights: uniform | proportional | llama | sheared-llama | a=0.5,b=0.5 (initial weights if dynamic)."""
-    dynamic: str | None = None
+    dynamic: Literal["softmax", "clipped-exp"] | None = None
     """Dynamic domain weights (Sheared-LLaMA): softmax | clipped-exp; None keeps them static."""
     dynamic_eta: float = 1.0
     reference_losses: str | None = None
@@ -50,7 +51,7 @@ class TrainConfig:
     """Evaluate held-out loss per domain every N steps (0: only at start and end; dynamic needs N > 0)."""
     eval_blocks: int = 8
     """Held-out blocks per domain per evaluation."""
-    balance_loss: str = "switch"
+    balance_loss: Literal["switch", "cv2", "none"] = "switch"
     """switch (E * sum f P) | cv2 (LLaMA-MoE CV^2 importance + load) | none."""
     balance_coef: float = 0.01
     z_loss_coef: float = 0.0
@@ -59,12 +60,13 @@ class TrainConfig:
     noisy_gate: bool = False
     capacity_factor: float | None = None
     """Tokens over CF * T * k / E per expert are dropped; None is dropless."""
-    trainable: str = "all"
+    trainable: Literal["all", "moe", "frozen-router"] = "all"
     """all | moe (routers and experts only) | frozen-router (all but the routers)."""
     activation_checkpointing: bool = False
-    parallel: str = "fsdp"
+    parallel: Literal["fsdp", "ddp"] = "fsdp"
     """With several ranks: fsdp (FSDP2 fully_shard per layer) | ddp."""
-    dispatch: str = "auto"
+    dispatch: Literal["auto", "grouped_mm", "loop", "reference"] = "auto"
+    """MoE dispatch kernel: auto (grouped_mm where the shapes allow, else loop) | grouped_mm | loop | reference."""
     checkpoint_every: int = 0
     """Save a resumable checkpoint every N steps (0: only at the end)."""
     keep_checkpoints: int = 2

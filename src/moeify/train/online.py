@@ -32,11 +32,11 @@ class OnlineBuild:
     manifest: Manifest
 
 
-def plan_online(dense: DenseCheckpoint, construction: ConstructionConfig, source: str, env: DistEnv, parallel: str,
-                fmt_name: str | None = None) -> tuple[ConstructionPlan, OutputFormat, str]:
+def plan_online(dense: DenseCheckpoint, construction: ConstructionConfig, source: str, env: DistEnv, parallel: str
+                ) -> tuple[ConstructionPlan, OutputFormat, str]:
     """Every check that can fail, before any weight is allocated or any training step runs."""
     plan = ConstructionPlan.make(dense, construction, source, progress=False, compute_partition=False)
-    fmt, format_name = choose_format(dense.config, plan.features, fmt_name)
+    fmt, format_name = choose_format(dense.config, plan.features, plan.config.format)
     if env.distributed and parallel != "fsdp":
         raise MoeifyError("online upcycling shards the MoE with FSDP2; use --parallel fsdp")
     if plan.num_experts % env.world_size:

@@ -10,23 +10,14 @@ from moeify.checkpoint.manifest import Manifest
 from moeify.checkpoint.resolve import resolve_model
 from moeify.data.packed import PackedDataset
 from moeify.errors import MoeifyError
+from moeify.schema import validate
 from moeify.modeling.hf import MoEFeedForward
 from moeify.train.config import TrainConfig
 from moeify.train.distributed import DistEnv
 from moeify.train.heldout import heldout_losses
 
-CHOICES = {
-    "balance_loss": ("switch", "cv2", "none"),
-    "trainable": ("all", "moe", "frozen-router"),
-    "parallel": ("fsdp", "ddp"),
-    "dispatch": ("auto", "grouped_mm", "loop", "reference"),
-}
-
-
 def check_config(config: TrainConfig, env: DistEnv) -> None:
-    for name, allowed in CHOICES.items():
-        if getattr(config, name) not in allowed:
-            raise MoeifyError(f"--{name.replace('_', '-')} {getattr(config, name)!r} is not one of: {', '.join(allowed)}")
+    validate(config, "the training settings")
     if config.micro_batch < 1 or config.batch_size % (config.micro_batch * env.world_size):
         raise MoeifyError(
             f"--batch-size {config.batch_size} must be a multiple of --micro-batch {config.micro_batch} "
