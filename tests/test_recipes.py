@@ -32,3 +32,16 @@ def test_tiny_recipe_builds_and_trains(recipe, tiny_models, tiny_data, tmp_path)
     result = train(config, progress=False)
     assert result.finished and all(math.isfinite(loss) for loss in result.losses) and len(result.losses) == result.steps
     assert AutoConfig.from_pretrained(result.model_dir).architectures == ["MixtralForCausalLM"]  # the trained MoE, exported
+
+
+def test_online_upcycling_constructs_from_the_recipes_build_section(tiny_models, tiny_data, tmp_path):
+    from tests.test_online import _assert_same_as_offline, _initial_weights
+
+    recipe = str(Path(__file__).parents[1] / "recipes" / "llama-moe-2of8-tiny.yaml")
+    dense = str(tiny_models["llama"])
+    assert main(["build", dense, "--recipe", recipe, "--out", str(tmp_path / "moe")]) == 0
+    assert main(["train", "--from-dense", dense, "--recipe", recipe, "--data", str(tiny_data), "--out", str(tmp_path / "run"),
+                 "--seq-len", "32", "--stop-after-steps", "0", "--no-export"]) == 0
+    moe_config = AutoConfig.from_pretrained(tmp_path / "moe")
+    assert moe_config.num_local_experts == 8
+    _assert_same_as_offline(_initial_weights(tmp_path / "run", moe_config), tmp_path / "moe")

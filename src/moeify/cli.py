@@ -5,9 +5,9 @@ where the verb takes one, gives values that flags override; types are checked by
 """
 
 import argparse
+import dataclasses
 import sys
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import import_module
 from pathlib import Path
@@ -79,20 +79,19 @@ def _add_flags(parser: argparse.ArgumentParser, verb: Verb, schema: type) -> Non
         if leaf.name in verb.skip:
             continue
         kind = base_type(leaf.kind)
-        default = "" if leaf.default is typing.Any or str(leaf.default) == "<factory>" else f" (default {leaf.default})"
-        if "MISSING" in default:
-            default = ""
+        default = "" if leaf.default is dataclasses.MISSING else f" (default {leaf.default})"
         help_text = f"{leaf.doc}{default}".strip().replace("%", "%%")
         is_list = typing.get_origin(kind) is list
         element = typing.get_args(kind)[0] if is_list else kind
         converter = Path if element is Path else element if element in (int, float, str) else str
         choices = typing.get_args(element) if typing.get_origin(element) is typing.Literal else None
         if leaf.name in verb.positional:
-            optional_here = leaf.default is not _missing() or leaf.name in verb.aliases  # MODEL or --model
+            optional_here = leaf.default is not dataclasses.MISSING or leaf.name in verb.aliases  # MODEL or --model
             nargs = ("*" if optional_here else "+") if is_list else ("?" if optional_here else None)
             parser.add_argument(leaf.name, nargs=nargs, type=converter, default=None, help=help_text, metavar=leaf.name.upper())
             for alias in verb.aliases.get(leaf.name, ()):
-                parser.add_argument(alias, dest=f"{leaf.name}_flag", type=converter, default=None, help=f"same as {leaf.name.upper()}")
+                parser.add_argument(alias, dest=f"{leaf.name}_flag", type=converter, default=None, metavar=leaf.name.upper(),
+                                    help=f"same as {leaf.name.upper()}")
             continue
         flags = [_flag(leaf.name), *verb.aliases.get(leaf.name, ())]
         if element is bool:
@@ -101,12 +100,6 @@ def _add_flags(parser: argparse.ArgumentParser, verb: Verb, schema: type) -> Non
             parser.add_argument(*flags, action="append", type=converter, dest=leaf.name, default=None, help=help_text)
         else:
             parser.add_argument(*flags, type=None if choices else converter, choices=choices, dest=leaf.name, default=None, help=help_text)
-
-
-def _missing():
-    import dataclasses
-
-    return dataclasses.MISSING
 
 
 def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -142,7 +135,7 @@ def _values(args: argparse.Namespace, verb: Verb, schema: type) -> dict:
         value = given if given is not None else alias
         if value is not None:
             values[leaf.name] = value
-    missing = [leaf.name for leaf in leaves(schema) if leaf.default is _missing() and leaf.name not in values]
+    missing = [leaf.name for leaf in leaves(schema) if leaf.default is dataclasses.MISSING and leaf.name not in values]
     if missing:
         raise MoeifyError(f"{verb.name} needs {', '.join(n.upper() if n in verb.positional else _flag(n) for n in missing)}")
     return values
@@ -166,5 +159,3 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     return 0
 
-
-Runner = Callable[[Any], str | None]

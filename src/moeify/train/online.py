@@ -20,6 +20,7 @@ from moeify.checkpoint.formats import OutputFormat, choose_format
 from moeify.checkpoint.manifest import Manifest
 from moeify.construct import ConstructionConfig, ConstructionPlan
 from moeify.errors import MoeifyError
+from moeify.modeling.canonical import DOWN, GATE_UP
 from moeify.modeling.hf import MoEFeedForward, attach_moe_blocks, moe_layers
 from moeify.schema import to_flat
 from moeify.train.distributed import DistEnv, wrap_model
@@ -104,5 +105,8 @@ def _fill(model: nn.Module, dense: DenseCheckpoint, plan: ConstructionPlan, fmt:
         layer = fmt.from_construction(plan.layer(dense, index), plan.expert_size)
         for name, tensor in [*moe.named_parameters(), *moe.named_buffers()]:
             local, start = _local_rows(tensor, env)
-            if local.shape[0]:
+            if name in (GATE_UP, DOWN):  # expert by expert: at most one made expert beside the dense FFN
+                for row in range(local.shape[0]):
+                    local[row].copy_(layer.module_tensor(name, start + row, start + row + 1)[0])
+            elif local.shape[0]:
                 local.copy_(layer.module_tensor(name, start, start + local.shape[0]))
