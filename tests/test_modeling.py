@@ -29,7 +29,7 @@ def _block(T, D, F, E, k, dispatch, seed=0):
 def _run(block, x):
     x = x.clone().requires_grad_(True)
     out = block(x)
-    y, aux = out.hidden, out.switch_loss + out.cv2_loss + out.z_loss
+    y, aux = out.hidden, out.balance_loss + out.z_loss
     (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().add(aux).backward()
     grads = [x.grad, block.router.weight.grad, block.experts.gate_up_proj.grad, block.experts.down_proj.grad]
     return y.detach(), aux.detach(), grads

@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from moeify.data.text import document_separator
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on GPU; plain fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast_for(device: torch.device, dtype: torch.dtype | None = None):
+    """Autocast to `dtype` (bf16 or fp16), or none for fp32; `None`: bf16 on GPU, fp32 on CPU."""
+    dtype = dtype if dtype is not None else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def next_token_logits(model: torch.nn.Module, ids_BS: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,7 @@ class Score:
 
 @torch.no_grad()
 def score_blocks(model: torch.nn.Module, blocks_NS: torch.Tensor, batch_size: int = 4, keep_logits: bool = False,
-                 on_batch: Callable[[], None] | None = None) -> Score:
+                 on_batch: Callable[[], None] | None = None, dtype: torch.dtype | None = None) -> Score:
     """Every block scored independently (its first token is context only); the model's train/eval
     mode is kept as it was. `on_batch()` runs after each forward (e.g. to collect routing statistics)."""
     device = next(model.parameters()).device
@@ -71,7 +72,7 @@ def score_blocks(model: torch.nn.Module, blocks_NS: torch.Tensor, batch_size: in
     try:
         for start in range(0, blocks_NS.shape[0], batch_size):
             ids_BS = blocks_NS[start : start + batch_size].long().to(device)
-            with autocast_for(device):
+            with autocast_for(device, dtype):
                 logits_BSV = next_token_logits(model, ids_BS).float()
                 nll_BS = F.cross_entropy(logits_BSV.transpose(1, 2), ids_BS[:, 1:], reduction="none")
             if keep_logits:

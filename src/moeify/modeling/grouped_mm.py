@@ -15,8 +15,8 @@ def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """True if the installed torch has grouped_mm and every inner dimension is 16-byte aligned."""
     if _GROUPED_MM is None:
         return False
-    if x.device.type == "cuda" and x.dtype != torch.bfloat16:
-        return False
+    if (x.device.type == "cuda" or torch.compiler.is_compiling()) and x.dtype != torch.bfloat16:
+        return False  # CUDA's kernel (and the compiler's shape rule) take bf16 only
     align = 16 // x.element_size()
     return x.shape[-1] % align == 0 and all(w.shape[-1] % align == 0 and w.shape[-2] % align == 0 for w in weights)
 

@@ -4,7 +4,10 @@ import torch
 
 
 def expert_counts(indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    return torch.bincount(indices_TK.reshape(-1), minlength=num_experts)
+    """Assignments per expert [E] (int64). A scatter of ones into a fixed-size tensor: unlike bincount,
+    its size does not depend on the data, so it needs no host sync and compiles."""
+    flat = indices_TK.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def switch_aux_loss(logits_TE: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:

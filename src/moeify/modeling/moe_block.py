@@ -2,6 +2,7 @@
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -17,11 +18,13 @@ from moeify.modeling.losses import (
 from moeify.modeling.router import RouterSpec, TopKRouter
 
 
+BalanceLoss = Literal["switch", "cv2", "none"]
+
+
 @dataclass
 class MoEOutput:
     hidden: torch.Tensor  # same shape as the input
-    switch_loss: torch.Tensor  # E * sum f_e P_e
-    cv2_loss: torch.Tensor  # CV^2(importance) + CV^2(load)
+    balance_loss: torch.Tensor  # the block's balance loss (switch: E * sum f_e P_e; cv2: CV^2(importance) + CV^2(load))
     z_loss: torch.Tensor  # mean logsumexp^2
     load_E: torch.Tensor  # assignments routed to each expert (before any drop)
     dropped: torch.Tensor  # assignments dropped by the capacity limit
@@ -29,18 +32,24 @@ class MoEOutput:
     indices_TK: torch.Tensor  # chosen experts per token, best first (detached; for routing analysis)
 
 
-def capacity_keep_mask(indices_TK: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
-    """Which assignments fit in each expert's capacity.
+def capacity_ranks(indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Each assignment's arrival order at its expert [T, k] (0 = first).
 
     Priority (GShard): every token's first choice before any second choice; within a choice
-    rank, earlier tokens first.
+    rank, earlier tokens first. Static shapes throughout: no host sync.
     """
     flat_A = indices_TK.t().reshape(-1)  # choice-major order
     order_A = flat_A.argsort(stable=True)
-    starts_E = expert_counts(indices_TK, num_experts).cumsum(0) - expert_counts(indices_TK, num_experts)
+    counts_E = expert_counts(indices_TK, num_experts)
+    starts_E = counts_E.cumsum(0) - counts_E
     rank_sorted_A = torch.arange(flat_A.numel(), device=flat_A.device) - starts_E[flat_A[order_A]]
     rank_A = torch.empty_like(rank_sorted_A).scatter_(0, order_A, rank_sorted_A)
-    return (rank_A < capacity).view(indices_TK.shape[1], -1).t()
+    return rank_A.view(indices_TK.shape[1], -1).t()
+
+
+def capacity_keep_mask(indices_TK: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """Which assignments fit in each expert's capacity."""
+    return capacity_ranks(indices_TK, num_experts) < capacity
 
 
 class MoEBlock(nn.Module):
@@ -54,11 +63,13 @@ class MoEBlock(nn.Module):
         noisy: bool = False,
         capacity_factor: float | None = None,
         router_spec: RouterSpec = RouterSpec(),
+        balance_loss: BalanceLoss = "switch",
     ):
         super().__init__()
         self.router = TopKRouter(hidden_size, num_experts, top_k, noisy=noisy, spec=router_spec)
         self.experts = Experts(num_experts, hidden_size, expert_size, dispatch)
         self.capacity_factor = capacity_factor
+        self.balance_loss = balance_loss  # the one balance loss computed in training
 
     def capacity(self, num_tokens: int) -> int | None:
         """Assignments each expert may take: ceil(CF * T * k / E); None when dropless."""
@@ -70,22 +81,23 @@ class MoEBlock(nn.Module):
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         routing = self.router(x_TD)
         E = self.router.num_experts
-        keep_TK = None
         capacity = self.capacity(x_TD.shape[0])
-        if capacity is not None:
-            keep_TK = capacity_keep_mask(routing.indices_TK, E, capacity)
-        y_TD = self.experts(x_TD, routing.indices_TK, routing.weights_TK, keep_TK)
-        dropped = torch.zeros((), dtype=torch.long) if keep_TK is None else (~keep_TK).sum()
+        rank_TK = capacity_ranks(routing.indices_TK, E) if capacity is not None else None
+        y_TD = self.experts(x_TD, routing.indices_TK, routing.weights_TK, capacity, rank_TK)
+        zero = routing.logits_TE.new_zeros(())
+        dropped = zero.long() if rank_TK is None else (rank_TK >= capacity).sum()
+        # Inference needs no losses, and at a few tokens their small ops cost as much as the experts.
+        balance, z_loss = zero, zero
         if self.training:
-            losses = (switch_aux_loss(routing.logits_TE, routing.indices_TK),
-                      cv_squared_balance_loss(routing.weights_TK, routing.indices_TK, E), router_z_loss(routing.logits_TE))
-        else:  # inference: the losses are not needed, and at a few tokens their small ops cost as much as the experts
-            losses = (torch.zeros(()),) * 3
+            if self.balance_loss == "switch":
+                balance = switch_aux_loss(routing.logits_TE, routing.indices_TK)
+            elif self.balance_loss == "cv2":
+                balance = cv_squared_balance_loss(routing.weights_TK, routing.indices_TK, E)
+            z_loss = router_z_loss(routing.logits_TE)
         return MoEOutput(
             hidden=y_TD.view_as(x_BSD),
-            switch_loss=losses[0],
-            cv2_loss=losses[1],
-            z_loss=losses[2],
+            balance_loss=balance,
+            z_loss=z_loss,
             load_E=expert_counts(routing.indices_TK, E),
             dropped=dropped,
             entropy=router_entropy(routing.logits_TE.detach()),

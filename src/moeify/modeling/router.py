@@ -57,15 +57,18 @@ class TopKRouter(nn.Module):
         self.register_buffer("selection_bias", torch.zeros(num_experts))
 
     def gate_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        logits_TE = F.linear(x_TD, self.weight)
-        if self.mlp_out is not None:
-            logits_TE = F.linear(torch.tanh(logits_TE), self.mlp_out)
-        return logits_TE.float()
+        """Router logits in fp32 whatever the compute dtype: small near-ties decide the experts."""
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
+            if self.mlp_out is not None:
+                logits_TE = F.linear(torch.tanh(logits_TE), self.mlp_out.float())
+        return logits_TE
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         logits_TE = self.gate_logits(x_TD)
         if self.noise_weight is not None and self.training:
-            noise_std_TE = F.softplus(F.linear(x_TD, self.noise_weight).float()) + NOISE_FLOOR
+            with torch.autocast(x_TD.device.type, enabled=False):
+                noise_std_TE = F.softplus(F.linear(x_TD.float(), self.noise_weight.float())) + NOISE_FLOOR
             logits_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
         if self.spec.routing == "topk-softmax":
             indices_TK = (logits_TE + self.selection_bias).topk(self.top_k, dim=-1).indices

@@ -63,6 +63,11 @@ class TrainConfig:
     trainable: Literal["all", "moe", "frozen-router"] = "all"
     """all | moe (routers and experts only) | frozen-router (all but the routers)."""
     activation_checkpointing: bool = False
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """Compute precision: bf16 (fp32 master weights, optimizer state and gradient reduction) or fp32;
+    auto: bf16 on GPU, fp32 on CPU."""
+    compile: bool = False
+    """torch.compile each decoder layer (the MoE block compiles without graph breaks)."""
     parallel: Literal["fsdp", "ddp"] = "fsdp"
     """With several ranks: fsdp (FSDP2 fully_shard per layer) | ddp."""
     dispatch: Literal["auto", "grouped_mm", "loop", "reference"] = "auto"

@@ -35,7 +35,9 @@ def init_distributed() -> DistEnv:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        # On GPU, CPU tensors (object collectives, small host-side values) go over gloo, device tensors over NCCL.
+        backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     return DistEnv(rank, world_size, local_rank, device)
 
 
@@ -44,20 +46,36 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, env: DistEnv, parallel: str) -> nn.Module:
-    """FSDP2: shard each decoder layer, then the root (embeddings, final norm, head). Or DDP."""
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype: bf16 | fp32 | auto (bf16 on GPU, fp32 on CPU)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def compile_layers(model: nn.Module) -> None:
+    """torch.compile each decoder layer in place (torchtitan's granularity; parameter names unchanged)."""
+    for layer in model.model.layers:
+        layer.compile()
+
+
+def wrap_model(model: nn.Module, env: DistEnv, parallel: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """FSDP2: shard each decoder layer, then the root (embeddings, final norm, head). Or DDP.
+
+    Master weights, gradients and optimizer state stay fp32; with bf16, FSDP2 gathers the
+    parameters in bf16 for compute and reduces gradients in fp32."""
     if not env.distributed:
         return model
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    # Parameters stay fp32 (sharded); compute precision comes from autocast in the loop.
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
     return model
 
 

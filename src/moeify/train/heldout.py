@@ -11,6 +11,8 @@ def sequence_losses(model: torch.nn.Module, ids_BS: torch.Tensor) -> torch.Tenso
     return next_token_nll(model, ids_BS).mean(dim=1)
 
 
-def heldout_losses(model: torch.nn.Module, data: PackedDataset, blocks_per_domain: int, batch: int) -> dict[str, float]:
+def heldout_losses(model: torch.nn.Module, data: PackedDataset, blocks_per_domain: int, batch: int,
+                   dtype: torch.dtype | None = None) -> dict[str, float]:
     """Loss (nats per token) on the first `blocks_per_domain` held-out blocks of every domain (same on every rank)."""
-    return {domain: score_blocks(model, data.blocks(domain, "val", blocks_per_domain), batch).loss for domain in data.domains}
+    return {domain: score_blocks(model, data.blocks(domain, "val", blocks_per_domain), batch, dtype=dtype).loss
+            for domain in data.domains}

@@ -10,15 +10,14 @@ import torch
 from tqdm import tqdm
 
 from moeify.construct import ConstructionConfig
-from moeify.data.packed import PackedDataset
 from moeify.errors import MoeifyError
 from moeify.modeling.hf import MoEFeedForward
 from moeify.train.checkpoint import save_checkpoint
 from moeify.train.config import TrainConfig
-from moeify.train.distributed import DistEnv, all_reduce_sum, gather_to_list
+from moeify.train.distributed import gather_to_list
 from moeify.train.export import export_stock
-from moeify.evaluate.scoring import autocast_for
-from moeify.train.heldout import heldout_losses, sequence_losses
+from moeify.train.heldout import heldout_losses
+from moeify.train.step import MicroBatch, train_step
 from moeify.train.metrics import peak_rss_mb
 from moeify.train.session import Session, open_session
 
@@ -71,7 +70,10 @@ def _step(run: Session, step: int) -> dict:
     """One optimizer step, its metrics logged (and the held-out evaluation when due)."""
     config = run.config
     started = time.perf_counter()
-    record = _train_step(run.model, run.blocks, run.optimizer, run.sampler, run.data, config, run.env, run.accum)
+    record = train_step(run.model, run.blocks, run.optimizer, lambda: _micro_batch(run), len(run.data.domains), config, run.env,
+                        run.accum, run.dtype)
+    domain_stats = record.pop("_domain_stats")
+    record["domain_loss"] = {d: (s / n).item() for d, (s, n) in zip(run.data.domains, domain_stats) if n > 0}
     if not math.isfinite(record["loss"]):
         raise MoeifyError(f"the loss became {record['loss']} at step {step}; training stopped, last good checkpoint: "
                           f"{run.last_checkpoint or 'none'}; lower --lr or check the data")
@@ -87,7 +89,7 @@ def _step(run: Session, step: int) -> dict:
                   mfu=step_tokens * run.flops_per_token / elapsed / run.peak_flops if run.peak_flops else None,
                   domain_weights=run.sampler.weights, peak_rss_mb=gather_to_list(round(peak_rss_mb(), 1), run.env))
     if (config.eval_every and step % config.eval_every == 0) or step == run.steps:
-        record["heldout_loss"] = heldout_losses(run.model, run.data, config.eval_blocks, config.micro_batch)
+        record["heldout_loss"] = heldout_losses(run.model, run.data, config.eval_blocks, config.micro_batch, run.dtype)
         if run.dynamic is not None and step < run.steps:
             run.sampler.set_weights(run.dynamic.update(run.sampler.weights, record["heldout_loss"]))
             record["domain_weights"] = run.sampler.weights
@@ -96,66 +98,20 @@ def _step(run: Session, step: int) -> dict:
     return record
 
 
+def _micro_batch(run: Session) -> MicroBatch:
+    """This rank's share of the next global micro-batch (the global order does not depend on the ranks)."""
+    micro = run.config.micro_batch
+    pairs = run.sampler.draw(micro * run.env.world_size)
+    mine = pairs[run.env.rank * micro : (run.env.rank + 1) * micro]
+    ids = torch.stack([run.data.block(d, i) for d, i in mine]).long()
+    domains = torch.tensor([run.data.domains.index(d) for d, _ in mine])
+    return ids.to(run.env.device, non_blocking=True), domains.to(run.env.device, non_blocking=True)
+
+
 def _checkpoint(run: Session, step: int) -> Path:
     trainer_state = {"step": step, "tokens": run.tokens_seen, "scheduler": run.scheduler.state_dict(),
                      "sampler": run.sampler.state_dict(), "identity": run.identity}
     return save_checkpoint(run.out, step, run.model, run.optimizer, trainer_state, run.env, run.config.keep_checkpoints)
-
-
-def _train_step(model, blocks: list[MoEFeedForward], optimizer, sampler, data: PackedDataset, config: TrainConfig,
-                env: DistEnv, accum: int) -> dict:
-    domains = data.domains
-    # Per domain: [sum of sequence losses, sequences]; then balance, z-loss, dropped, entropy sums.
-    domain_stats = torch.zeros(len(domains), 2, dtype=torch.float64)
-    moe_stats = torch.zeros(4, dtype=torch.float64)
-    load = torch.zeros(len(blocks), blocks[0].block.router.num_experts if blocks else 0, dtype=torch.float64)
-    for _ in range(accum):
-        pairs = sampler.draw(config.micro_batch * env.world_size)  # the global micro-batch
-        mine = pairs[env.rank * config.micro_batch : (env.rank + 1) * config.micro_batch]
-        ids = torch.stack([data.block(d, i) for d, i in mine]).to(env.device)
-        with autocast_for(env.device):
-            seq_loss = sequence_losses(model, ids)
-        loss = seq_loss.mean()
-        if blocks:
-            balance, z_loss = _router_losses(blocks, config.balance_loss)
-            loss = loss + config.balance_coef * balance + config.z_loss_coef * z_loss
-            # Gathered on the device and moved in one transfer: one host sync per micro-step, not per layer.
-            step_stats = torch.stack([balance.detach().float(), z_loss.detach().float(),
-                                      torch.stack([b.last.dropped for b in blocks]).sum().float(),
-                                      torch.stack([b.last.entropy for b in blocks]).float().mean()])
-            moe_stats += step_stats.double().cpu()
-            load += torch.stack([b.last.load_E for b in blocks]).double().cpu()
-        (loss / accum).backward()
-        for (domain, _), value in zip(mine, seq_loss.detach().double().cpu()):
-            domain_stats[domains.index(domain)] += torch.stack([value, torch.ones((), dtype=torch.float64)])
-    for tensor in (domain_stats, moe_stats, load):
-        all_reduce_sum(tensor, env)
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
-                                               config.grad_clip if config.grad_clip > 0 else float("inf"))
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    loss_value = (domain_stats[:, 0].sum() / domain_stats[:, 1].sum()).item()
-    if math.isfinite(loss_value):
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    record = {"loss": loss_value, "grad_norm": grad_norm.item(),
-              "domain_loss": {d: (s / n).item() for d, (s, n) in zip(domains, domain_stats) if n > 0}}
-    if blocks:
-        micro_steps = accum * env.world_size
-        assignments = load.sum(dim=1, keepdim=True)
-        record.update(balance_loss=moe_stats[0].item() / micro_steps, z_loss=moe_stats[1].item() / micro_steps,
-                      dropped_tokens=int(moe_stats[2].item()), dropped_fraction=moe_stats[2].item() / max(1.0, assignments.sum().item()),
-                      router_entropy=moe_stats[3].item() / micro_steps, expert_load=(load / assignments).tolist(), _load=load)
-    return record
-
-
-def _router_losses(blocks: list[MoEFeedForward], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Switch loss averaged over layers (Mixtral's convention); LLaMA-MoE's CV^2 summed over layers."""
-    z_loss = torch.stack([b.last.z_loss for b in blocks]).mean()
-    if kind == "switch":
-        return torch.stack([b.last.switch_loss for b in blocks]).mean(), z_loss
-    if kind == "cv2":
-        return torch.stack([b.last.cv2_loss for b in blocks]).sum(), z_loss
-    return torch.zeros((), device=z_loss.device), z_loss
 
 
 @torch.no_grad()

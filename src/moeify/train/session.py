@@ -22,7 +22,7 @@ from moeify.modeling.hf import MoEFeedForward
 from moeify.modeling.load import load_moe_model
 from moeify.train.checkpoint import complete_checkpoints, load_checkpoint
 from moeify.train.config import TrainConfig
-from moeify.train.distributed import DistEnv, barrier, gather_to_list, init_distributed, wrap_model
+from moeify.train.distributed import DistEnv, barrier, compile_layers, compute_dtype, gather_to_list, init_distributed, wrap_model
 from moeify.train.heldout import heldout_losses
 from moeify.train.metrics import MetricsLogger, flops_per_token, peak_flops, peak_rss_mb
 from moeify.train.online import build_online
@@ -46,6 +46,7 @@ class Session:
     dynamic: DynamicWeights | None
     identity: dict
     logger: MetricsLogger
+    dtype: torch.dtype  # compute precision (master weights stay fp32)
     steps: int  # optimizer steps of the whole budget
     accum: int  # micro-steps per optimizer step on each rank
     flops_per_token: float
@@ -72,25 +73,32 @@ def open_session(config: TrainConfig, construction: ConstructionConfig | None = 
     torch.manual_seed(config.seed + env.rank)
     flops: dict[str, float] = {}
 
+    dtype = compute_dtype(config.dtype, env.device)
+
     def before_sharding(model, blocks):
         set_trainable(model, blocks, config.trainable)
+        for moe in blocks:
+            moe.block.balance_loss = config.balance_loss
         if config.activation_checkpointing:
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         flops["per_token"] = flops_per_token(model, data.seq_len)
+        if config.compile:
+            compile_layers(model)
 
     if config.from_dense:
         online = build_online(DenseCheckpoint(model_dir), construction or ConstructionConfig(seed=config.seed), config.from_dense,
-                              env, config.parallel, config.dispatch, config.noisy_gate, config.capacity_factor, before_sharding)
+                              env, config.parallel, config.dispatch, config.noisy_gate, config.capacity_factor, before_sharding,
+                              dtype)
         model, blocks, manifest = online.model, online.blocks, online.manifest
         model_config = model.config
     else:
         model, blocks = load_moe_model(model_dir, env.device, config.dispatch, config.noisy_gate, config.capacity_factor)
         before_sharding(model, blocks)
         model_config = model.config
-        model = wrap_model(model, env, config.parallel)
+        model = wrap_model(model, env, config.parallel, dtype)
         manifest = Manifest.read(model_dir)
     rss_after_build = gather_to_list(round(peak_rss_mb(), 1), env)  # per rank
     if data.meta["tokenizer"]["vocab_size"] > model_config.vocab_size:
@@ -125,9 +133,9 @@ def open_session(config: TrainConfig, construction: ConstructionConfig | None = 
     if start_step == 0:
         logger.log({"step": 0, "tokens": 0, "domain_weights": sampler.weights, "peak_flops": peak, "peak_flops_source": peak_source,
                     "flops_per_token": flops_token, "peak_rss_mb_after_build": rss_after_build,
-                    "built_online": bool(config.from_dense), "heldout_loss": heldout_losses(model, data, config.eval_blocks, config.micro_batch)})
+                    "built_online": bool(config.from_dense), "heldout_loss": heldout_losses(model, data, config.eval_blocks, config.micro_batch, dtype)})
     return Session(config, env, out, model_dir, data, model, model_config, blocks, manifest, optimizer, scheduler, sampler, dynamic,
-                   identity, logger, steps, accum, flops_token, peak, start_step, tokens_seen,
+                   identity, logger, dtype, steps, accum, flops_token, peak, start_step, tokens_seen,
                    complete_checkpoints(out)[-1] if config.resume else None)
 
 

@@ -1,0 +1,77 @@
+"""One optimizer step: gradient accumulation, router losses, clipping, and the step's metrics.
+
+Every statistic stays on the model's device and is reduced across ranks in one collective; the
+host sees the step's numbers in one transfer, after the backward passes (it needs the loss there
+to skip a non-finite step). Nothing in the micro-steps waits for the GPU.
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from moeify.evaluate.scoring import autocast_for
+from moeify.modeling.hf import MoEFeedForward
+from moeify.train.config import TrainConfig
+from moeify.train.distributed import DistEnv, all_reduce_sum
+from moeify.train.heldout import sequence_losses
+
+MicroBatch = tuple[torch.Tensor, torch.Tensor]  # token ids [B, S] and each sequence's domain index [B], on the device
+
+
+def router_losses(blocks: list[MoEFeedForward], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Switch loss averaged over layers (Mixtral's convention); LLaMA-MoE's CV^2 summed over layers."""
+    z_loss = torch.stack([b.last.z_loss for b in blocks]).mean()
+    balance = torch.stack([b.last.balance_loss for b in blocks])
+    return (balance.sum() if kind == "cv2" else balance.mean()), z_loss
+
+
+def reduce_stats(tensors: list[torch.Tensor], env: DistEnv) -> list[torch.Tensor]:
+    """Sum each tensor over the ranks with one collective, on the tensors' own device."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    all_reduce_sum(flat, env)
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def train_step(model: torch.nn.Module, blocks: list[MoEFeedForward], optimizer: torch.optim.Optimizer,
+               next_micro_batch: Callable[[], MicroBatch], num_domains: int, config: TrainConfig, env: DistEnv, accum: int,
+               dtype: torch.dtype = torch.float32) -> dict:
+    device = env.device
+    stat = dict(dtype=torch.float64, device=device)
+    domain_stats = torch.zeros(num_domains, 2, **stat)  # per domain: sum of sequence losses, sequences
+    moe_stats = torch.zeros(4, **stat)  # sums of balance loss, z-loss, dropped assignments, router entropy
+    load = torch.zeros(len(blocks), blocks[0].block.router.num_experts if blocks else 0, **stat)
+    for _ in range(accum):
+        ids, domain_B = next_micro_batch()
+        with autocast_for(device, dtype):
+            seq_loss = sequence_losses(model, ids)
+        loss = seq_loss.mean()
+        if blocks:
+            balance, z_loss = router_losses(blocks, config.balance_loss)
+            loss = loss + config.balance_coef * balance + config.z_loss_coef * z_loss
+            moe_stats += torch.stack([balance.detach().double(), z_loss.detach().double(),
+                                      torch.stack([b.last.dropped for b in blocks]).sum().double(),
+                                      torch.stack([b.last.entropy for b in blocks]).double().mean()])
+            load += torch.stack([b.last.load_E for b in blocks]).double()
+        (loss / accum).backward()
+        domain_stats.index_add_(0, domain_B, torch.stack([seq_loss.detach().double(), torch.ones_like(seq_loss, **stat)], dim=1))
+    domain_stats, moe_stats, load = reduce_stats([domain_stats, moe_stats, load], env)
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
+                                               config.grad_clip if config.grad_clip > 0 else float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    host = torch.cat([domain_stats.reshape(-1), moe_stats, load.reshape(-1), grad_norm.reshape(1).double()]).cpu()  # the one transfer
+    domain_host = host[: domain_stats.numel()].view_as(domain_stats)
+    moe_host = host[domain_stats.numel() : domain_stats.numel() + 4]
+    load_host = host[domain_stats.numel() + 4 : -1].view_as(load)
+    loss_value = (domain_host[:, 0].sum() / domain_host[:, 1].sum()).item()
+    if math.isfinite(loss_value):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    record = {"loss": loss_value, "grad_norm": host[-1].item(), "_domain_stats": domain_host}
+    if blocks:
+        micro_steps = accum * env.world_size
+        assignments = load_host.sum(dim=1, keepdim=True)
+        record.update(balance_loss=moe_host[0].item() / micro_steps, z_loss=moe_host[1].item() / micro_steps,
+                      dropped_tokens=int(moe_host[2].item()), dropped_fraction=moe_host[2].item() / max(1.0, assignments.sum().item()),
+                      router_entropy=moe_host[3].item() / micro_steps, expert_load=(load_host / assignments).tolist(), _load=load)
+    return record
