@@ -6,7 +6,7 @@ For each shape, token count and routing (balanced or skewed), in one run: forwar
   mixtral  transformers' MixtralSparseMoeBlock with experts_implementation eager / grouped_mm / batched_mm
 then forward-only (inference, no_grad) at 1, 16 and 256 tokens. Every block gets the same inputs and
 router weights, so the routing is identical. Prints ratios to dense; writes JSON with the seconds.
-Usage: python benchmarks/moe_kernels.py [--shapes NAME,...] [--reps 5]
+Usage: python benchmarks/moe_kernels.py [--shapes NAME,...] [--reps 5] [--train-2048-only --json PATH]
 """
 
 import argparse
@@ -119,7 +119,9 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "moe_kernels.json")
+    parser.add_argument("--train-2048-only", action="store_true", help="only forward+backward at 2,048 tokens (the goal's rows)")
     args = parser.parse_args()
+    modes = (("train", (2048,)),) if args.train_2048_only else (("train", (256, 2048)), ("inference", (1, 16, 256)))
     results = []
     for name in args.shapes.split(","):
         hidden, expert_size, experts, top_k = SHAPES[name]
@@ -127,7 +129,7 @@ def main() -> None:
         for routing in ("balanced", "skewed"):
             _, router = make_inputs(8, hidden, experts, routing)
             blocks = make_blocks(hidden, expert_size, experts, top_k, router)
-            for mode, token_counts in (("train", (256, 2048)), ("inference", (1, 16, 256))):
+            for mode, token_counts in modes:
                 for tokens in token_counts:
                     x, _ = make_inputs(tokens, hidden, experts, routing)
                     grad = torch.randn_like(x)

@@ -56,8 +56,13 @@ def test_experiments_ship_inside_the_wheel(tmp_path):
     import zipfile
     from pathlib import Path
 
-    root = Path(__file__).parents[1]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "--quiet", "-w", str(tmp_path)],
+    import shutil
+
+    root, source = Path(__file__).parents[1], tmp_path / "source"  # built from a copy: no build/ left in the checkout
+    shutil.copytree(root / "src", source / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "--quiet", "-w", str(tmp_path)],
                    check=True, capture_output=True)
     wheel = next(tmp_path.glob("moeify-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()

@@ -40,7 +40,7 @@ def test_expert_gemms_take_bf16_operands_under_autocast(dispatch):
 
 @pytest.mark.parametrize("settings", [
     dict(dispatch="grouped_mm"), dict(dispatch="loop"), dict(dispatch="reference"), dict(capacity_factor=1.0),
-    dict(dispatch="loop", capacity_factor=1.5, activation_checkpointing=True), dict(activation_checkpointing=True),
+    dict(dispatch="loop", capacity_factor=1.5, activation_checkpointing="full"), dict(activation_checkpointing="full"),
 ], ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
 def test_bf16_training_step_matches_fp32(settings, tiny_moe, tiny_data, tmp_path):
     # The first step's loss is computed before any update: bf16 keeps 8 bits of mantissa, so
@@ -87,3 +87,38 @@ def test_metric_reduction_stays_on_the_tensors_device():
     stats = [torch.zeros(3, 2, dtype=torch.float64, device="meta"), torch.zeros(4, dtype=torch.float64, device="meta")]
     reduced = reduce_stats(stats, env)
     assert [t.device.type for t in reduced] == ["meta", "meta"] and [t.shape for t in reduced] == [(3, 2), (4,)]
+
+
+def test_gpu_check_runs_in_smoke_mode_on_cpu(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
+    out = tmp_path / "smoke.json"
+    subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], check=True, capture_output=True, timeout=300)
+    report = json.loads(out.read_text())
+    runs = report["training"]["smoke-8x2"]["runs"]
+    assert [(r["dispatch"], r["dispatch_taken"]) for r in runs] == [("grouped_mm", "grouped_mm"), ("loop", "loop")]
+    assert all(r["tokens_per_s"] > 0 and r["mfu"] > 0 and 0 < r["loss"] < 10 for r in runs)
+    assert report["block"][0]["moe_over_dense"] > 0
+
+
+def test_selective_checkpointing_saves_matmuls_and_recomputes_elementwise_work():
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint
+
+    from moeify.train.distributed import _selective_context, _selective_policy
+
+    assert _selective_policy(None, torch.ops.aten.mm.default) == CheckpointPolicy.MUST_SAVE
+    assert _selective_policy(None, torch.ops.aten._grouped_mm.default) == CheckpointPolicy.MUST_SAVE
+    assert _selective_policy(None, torch.ops.aten.silu.default) == CheckpointPolicy.PREFER_RECOMPUTE
+    calls = {"silu": 0}
+
+    def layer(x, w):
+        calls["silu"] += 1  # runs again in the backward only where something is recomputed
+        return torch.nn.functional.silu(x @ w).sum()
+
+    x, w = torch.randn(8, 8, requires_grad=True), torch.randn(8, 8, requires_grad=True)
+    checkpoint(layer, x, w, use_reentrant=False, context_fn=_selective_context).backward()
+    assert calls["silu"] == 2 and x.grad is not None

@@ -152,8 +152,9 @@ def test_trainable_options(trainable, frozen, moving, tiny_moe, tiny_data, tmp_p
     assert not torch.equal(before[moving], after[moving])
 
 
-def test_activation_checkpointing_gives_the_same_losses(tiny_moe, tiny_data, tmp_path):
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_gives_the_same_losses(mode, tiny_moe, tiny_data, tmp_path):
     plain = train(train_config(tiny_moe, tiny_data, tmp_path / "a", max_tokens=8 * 32 * 3), progress=False)
-    checkpointed = train(train_config(tiny_moe, tiny_data, tmp_path / "b", max_tokens=8 * 32 * 3, activation_checkpointing=True),
+    checkpointed = train(train_config(tiny_moe, tiny_data, tmp_path / "b", max_tokens=8 * 32 * 3, activation_checkpointing=mode),
                          progress=False)
     torch.testing.assert_close(checkpointed.losses, plain.losses, rtol=1e-5, atol=1e-5)

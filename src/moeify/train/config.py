@@ -62,7 +62,12 @@ class TrainConfig:
     """Tokens over CF * T * k / E per expert are dropped; None is dropless."""
     trainable: Literal["all", "moe", "frozen-router"] = "all"
     """all | moe (routers and experts only) | frozen-router (all but the routers)."""
-    activation_checkpointing: bool = False
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    """Recompute activations in the backward: full (each decoder layer keeps only its input) | selective
+    (keeps matmul and attention outputs, recomputes norms and activations) | none."""
+    reshard_after_forward: bool = True
+    """FSDP2: free each layer's gathered parameters after its forward (less memory) or keep them for the
+    backward (one all-gather fewer per layer)."""
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
     """Compute precision: bf16 (fp32 master weights, optimizer state and gradient reduction) or fp32;
     auto: bf16 on GPU, fp32 on CPU."""

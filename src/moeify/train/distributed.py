@@ -53,13 +53,44 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
+# Selective activation checkpointing keeps what is expensive to recompute (matmuls, grouped GEMMs,
+# attention) and recomputes the cheap elementwise work (norms, SiLU, residual adds) in the backward.
+_SAVED_OPS = {getattr(torch.ops.aten, name).default for name in (
+    "mm", "addmm", "bmm", "_grouped_mm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_cudnn_attention") if hasattr(torch.ops.aten, name)}
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_selective_policy)
+
+
+def enable_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """none | full | selective, per decoder layer (through transformers' own checkpointing hook)."""
+    if mode == "none":
+        return
+    kwargs = {"use_reentrant": False} | ({"context_fn": _selective_context} if mode == "selective" else {})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def compile_layers(model: nn.Module) -> None:
     """torch.compile each decoder layer in place (torchtitan's granularity; parameter names unchanged)."""
     for layer in model.model.layers:
         layer.compile()
 
 
-def wrap_model(model: nn.Module, env: DistEnv, parallel: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+def wrap_model(model: nn.Module, env: DistEnv, parallel: str, dtype: torch.dtype = torch.float32,
+               reshard_after_forward: bool = True) -> nn.Module:
     """FSDP2: shard each decoder layer, then the root (embeddings, final norm, head). Or DDP.
 
     Master weights, gradients and optimizer state stay fp32; with bf16, FSDP2 gathers the
@@ -74,7 +105,7 @@ def wrap_model(model: nn.Module, env: DistEnv, parallel: str, dtype: torch.dtype
 
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for layer in model.model.layers:
-        fully_shard(layer, mp_policy=policy)
+        fully_shard(layer, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mp_policy=policy)
     return model
 

@@ -62,7 +62,8 @@ def plan_online(dense: DenseCheckpoint, construction: ConstructionConfig, source
 
 def build_online(dense: DenseCheckpoint, construction: ConstructionConfig, source: str, env: DistEnv, parallel: str,
                  dispatch: str, noisy: bool, capacity_factor: float | None,
-                 before_sharding=lambda model, blocks: None, dtype: torch.dtype = torch.float32) -> OnlineBuild:
+                 before_sharding=lambda model, blocks: None, dtype: torch.dtype = torch.float32,
+                 reshard_after_forward: bool = True) -> OnlineBuild:
     """The MoE model, sharded (FSDP2) when there are several ranks, weights filled from `dense`.
 
     `before_sharding(model, blocks)` runs on the meta-device model (freezing, activation checkpointing).
@@ -73,7 +74,7 @@ def build_online(dense: DenseCheckpoint, construction: ConstructionConfig, sourc
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         blocks = attach_moe_blocks(model, dispatch, noisy, capacity_factor, gate=plan.config.router.gate)
     before_sharding(model, blocks)
-    model = wrap_model(model, env, parallel, dtype)
+    model = wrap_model(model, env, parallel, dtype, reshard_after_forward)
     model.to_empty(device=env.device)
     if not env.distributed:
         model.tie_weights()  # to_empty on an unsharded model unties shared parameters (FSDP2 keeps them)

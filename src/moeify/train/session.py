@@ -22,7 +22,8 @@ from moeify.modeling.hf import MoEFeedForward
 from moeify.modeling.load import load_moe_model
 from moeify.train.checkpoint import complete_checkpoints, load_checkpoint
 from moeify.train.config import TrainConfig
-from moeify.train.distributed import DistEnv, barrier, compile_layers, compute_dtype, gather_to_list, init_distributed, wrap_model
+from moeify.train.distributed import (DistEnv, barrier, compile_layers, compute_dtype, enable_activation_checkpointing, gather_to_list,
+                                     init_distributed, wrap_model)
 from moeify.train.heldout import heldout_losses
 from moeify.train.metrics import MetricsLogger, flops_per_token, peak_flops, peak_rss_mb
 from moeify.train.online import build_online
@@ -79,11 +80,7 @@ def open_session(config: TrainConfig, construction: ConstructionConfig | None = 
         set_trainable(model, blocks, config.trainable)
         for moe in blocks:
             moe.block.balance_loss = config.balance_loss
-        if config.activation_checkpointing:
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model, config.activation_checkpointing)
         flops["per_token"] = flops_per_token(model, data.seq_len)
         if config.compile:
             compile_layers(model)
@@ -91,14 +88,14 @@ def open_session(config: TrainConfig, construction: ConstructionConfig | None = 
     if config.from_dense:
         online = build_online(DenseCheckpoint(model_dir), construction or ConstructionConfig(seed=config.seed), config.from_dense,
                               env, config.parallel, config.dispatch, config.noisy_gate, config.capacity_factor, before_sharding,
-                              dtype)
+                              dtype, config.reshard_after_forward)
         model, blocks, manifest = online.model, online.blocks, online.manifest
         model_config = model.config
     else:
         model, blocks = load_moe_model(model_dir, env.device, config.dispatch, config.noisy_gate, config.capacity_factor)
         before_sharding(model, blocks)
         model_config = model.config
-        model = wrap_model(model, env, config.parallel, dtype)
+        model = wrap_model(model, env, config.parallel, dtype, config.reshard_after_forward)
         manifest = Manifest.read(model_dir)
     rss_after_build = gather_to_list(round(peak_rss_mb(), 1), env)  # per rank
     if data.meta["tokenizer"]["vocab_size"] > model_config.vocab_size:
