@@ -89,6 +89,17 @@ def tiny_data(tiny_moe, tmp_path_factory) -> Path:
 def train_config(model: Path, data: Path, out: Path, **overrides):
     from moeify.train.config import TrainConfig
 
-    settings = dict(model=str(model), data=str(data), out=str(out), batch_size=8, micro_batch=4, max_tokens=8 * 32 * 12,
+    settings = dict(data=str(data), out=str(out), **({"model": str(model)} if model is not None else {}), batch_size=8, micro_batch=4, max_tokens=8 * 32 * 12,
                     lr=3e-3, warmup_steps=2, eval_blocks=4, export=False)
     return TrainConfig(**{**settings, **overrides})
+
+
+def error_lines(stderr: str) -> list[str]:
+    """What a command printed to stderr besides progress: tqdm bars (which end with `/s]` or redraw
+    with a carriage return) and `moeify: converting ...` notes are not error output."""
+    kept = []
+    for line in stderr.splitlines():
+        line = line.split("\r")[-1]
+        if line.strip() and "/s]" not in line and not line.startswith("moeify: converting"):
+            kept.append(line)
+    return kept

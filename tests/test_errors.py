@@ -7,14 +7,15 @@ import pytest
 from transformers import GPT2Config, LlamaConfig
 
 from moeify.cli import main
-from tests.conftest import COMMON, save_tiny
+from tests.conftest import COMMON, error_lines, save_tiny
 
 
 def _fails(capsys, argv: list[str], *expected: str) -> str:
     capsys.readouterr()  # drop what the test's own set-up printed
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0, f"expected one line, got:\n{err}"
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1, f"expected one line, got:\n{lines}"
+    err = lines[0]
     assert err.startswith("moeify: error: ")
     for fragment in expected:
         assert fragment in err, f"{fragment!r} not in {err!r}"
@@ -97,7 +98,7 @@ def test_out_exists_and_not_empty(capsys, tiny_models, tmp_path):
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
 
 
-def test_failure_midway_leaves_nothing(tiny_models, tmp_path, monkeypatch):
+def test_failure_midway_leaves_nothing(tiny_models, tmp_path, monkeypatch, capsys):
     # A crash while writing (here: the writer raising on its third tensor) must not leave a partial --out.
     from moeify.checkpoint import writer
 
@@ -111,7 +112,6 @@ def test_failure_midway_leaves_nothing(tiny_models, tmp_path, monkeypatch):
         real_add(self, name, tensor)
 
     monkeypatch.setattr(writer.ShardedWriter, "add", failing_add)
-    with pytest.raises(OSError):
-        main(_build(tiny_models["llama"], tmp_path / "out"))
+    _fails(capsys, _build(tiny_models["llama"], tmp_path / "out"), "disk full")  # an OSError becomes one line, exit 2
     _nothing_written(tmp_path / "out")
     assert calls["n"] == 3  # the failure happened mid-write, not before it

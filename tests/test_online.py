@@ -50,7 +50,7 @@ def test_one_process_online_build_equals_offline_build(family, tiny_models, tiny
     from moeify.build import build, build_config
 
     offline = build(build_config(model=str(tiny_models[family]), out=tmp_path / "offline", method="random-split", num_experts=4, top_k=2, router_std=0.1), progress=False)
-    config = train_config(offline, tiny_data, tmp_path / "run", from_dense=str(tiny_models[family]))
+    config = train_config(None, tiny_data, tmp_path / "run", from_dense=str(tiny_models[family]))
     train(config, construction(**ONLINE), progress=False, stop_after_steps=0)
     _assert_same_as_offline(_initial_weights(tmp_path / "run", AutoConfig.from_pretrained(offline)), offline)
 
@@ -114,7 +114,7 @@ def test_dense_checkpoint_missing_tensors(tiny_models, tiny_data, tmp_path):
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(MoeifyError, match="lacks model.layers.1.mlp.up_proj.weight"):
-        train(train_config(tiny_models["llama"], tiny_data, tmp_path / "run", from_dense=str(broken)), construction(**ONLINE), progress=False)
+        train(train_config(None, tiny_data, tmp_path / "run", from_dense=str(broken)), construction(**ONLINE), progress=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 

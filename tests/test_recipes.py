@@ -28,7 +28,7 @@ def test_recipe_parses(recipe):
 def test_tiny_recipe_builds_and_trains(recipe, tiny_models, tiny_data, tmp_path):
     moe = tmp_path / "moe"
     assert main(["build", "--recipe", str(recipe), "--model", str(tiny_models["llama"]), "--out", str(moe)]) == 0
-    config = make_config(load_recipe(recipe), {"model": str(moe), "data": str(tiny_data), "out": str(tmp_path / "run")})
+    config = make_config(load_recipe(recipe), {"model": str(moe), "data": str(tiny_data), "out": str(tmp_path / "run"), "seq_len": 32})
     result = train(config, progress=False)
     assert result.finished and all(math.isfinite(loss) for loss in result.losses) and len(result.losses) == result.steps
     assert AutoConfig.from_pretrained(result.model_dir).architectures == ["MixtralForCausalLM"]  # the trained MoE, exported

@@ -5,6 +5,7 @@ import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -17,13 +18,14 @@ from moeify.checkpoint.resolve import resolve_model
 from moeify.checkpoint.writer import write_checkpoint
 from moeify.construct import ConstructionConfig, ConstructionPlan
 from moeify.errors import MoeifyError
-from moeify.schema import from_flat
+from moeify.schema import from_flat, positive
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 @dataclass
 class BuildConfig:
+    RANGES: ClassVar[dict] = {"max_shard_mb": positive()}
     model: str
     """Dense model: a Hugging Face directory, a .gguf file, or an embedded name (smollm2-135m)."""
     out: Path
@@ -52,7 +54,10 @@ def build(config: BuildConfig, progress: bool = True) -> Path:
     moe_config = fmt.make_config(dense.config, plan.num_experts, plan.top_k, plan.expert_size, plan.features)
     manifest = plan.manifest(dense, config.model, fmt.architecture, format_name).replace(source_sha256=weights_digest(dense.files()))
     tensors = moe_tensors(dense, plan, fmt, progress)
-    return write_checkpoint(out, tensors, moe_config, dense.path, manifest, config.force, int(config.max_shard_mb * (1 << 20)))
+    try:
+        return write_checkpoint(out, tensors, moe_config, dense.path, manifest, config.force, int(config.max_shard_mb * (1 << 20)))
+    finally:
+        tensors.close()  # a failed write still ends the progress bar's line
 
 
 def run_build(config: BuildConfig) -> str:
@@ -73,13 +78,13 @@ def moe_tensors(dense: DenseCheckpoint, plan: ConstructionPlan, fmt: OutputForma
             other_names.append(name)
     for name in sorted(n for n in other_names if n.startswith("model.embed")):
         yield name, dense.get(name)
-    layers = tqdm(range(dense.num_layers), desc=f"build {plan.method.name}", unit="layer", disable=not progress, file=sys.stderr)
-    for layer in layers:
-        for name in sorted(layer_names.get(layer, [])):
-            if not is_ffn_tensor(name):
-                yield name, dense.get(name)
-        moe_layer = fmt.from_construction(plan.layer(dense, layer), plan.expert_size)
-        yield from fmt.disk_tensors(layer, moe_layer, plan.config.router.gate)
+    with tqdm(range(dense.num_layers), desc=f"build {plan.method.name}", unit="layer", disable=not progress, file=sys.stderr) as layers:
+        for layer in layers:
+            for name in sorted(layer_names.get(layer, [])):
+                if not is_ffn_tensor(name):
+                    yield name, dense.get(name)
+            moe_layer = fmt.from_construction(plan.layer(dense, layer), plan.expert_size)
+            yield from fmt.disk_tensors(layer, moe_layer, plan.config.router.gate)
     for name in sorted(n for n in other_names if not n.startswith("model.embed")):
         yield name, dense.get(name)
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from moeify.errors import MoeifyError
-from moeify.schema import base_type, from_flat, leaves
+from moeify.errors import describe_os_error
+from moeify.schema import COMMAND_LINE, base_type, check_values, from_flat, leaves
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,8 @@ def _values(args: argparse.Namespace, verb: Verb, schema: type) -> dict:
     from moeify.train.config import recipe_values
 
     values = recipe_values(args.recipe, verb.recipe) if verb.recipe and args.recipe else {}
+    if values:  # a wrong recipe value is named as the recipe's; what is left wrong afterwards came from a flag
+        check_values(schema, values, f"recipe {args.recipe} ({verb.recipe}:)")
     for leaf in leaves(schema):
         given = getattr(args, leaf.name, None)
         alias = getattr(args, f"{leaf.name}_flag", None)
@@ -141,18 +144,29 @@ def _values(args: argparse.Namespace, verb: Verb, schema: type) -> dict:
     return values
 
 
+def _quiet_transformers() -> None:
+    """transformers' own bars ("Loading weights", "Writing model shards") repeat for every small
+    load; moeify shows its own progress for the long stages."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser(argv).parse_args(argv)
     verb: Verb = args.verb
+    _quiet_transformers()
     try:
         schema = _load(verb.schema)
-        where = f"recipe {args.recipe} ({verb.recipe}:)" if verb.recipe and args.recipe else "the command line"
-        config = from_flat(schema, _values(args, verb, schema), where)
+        config = from_flat(schema, _values(args, verb, schema), COMMAND_LINE)
         text = _load(verb.run)(config)
         if text:
             print(text)
     except MoeifyError as error:
         print(f"moeify: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # no space, read-only, permission: nothing half-written is left (outputs are atomic)
+        print(f"moeify: error: {describe_os_error(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("moeify: interrupted", file=sys.stderr)

@@ -8,9 +8,8 @@ import json
 import shutil
 import sys
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 from pathlib import Path
-
-from transformers import AutoTokenizer
 
 from moeify.build import BuildConfig, build
 from moeify.checkpoint.manifest import Manifest
@@ -19,11 +18,12 @@ from moeify.checkpoint.atomic import atomic_directory
 from moeify.checkpoint.resolve import resolve_model
 from moeify.construct import get_method
 from moeify.data.embedded import pydoc_topics
-from moeify.data.text import tokenize_joined
+from moeify.data.text import load_tokenizer, tokenize_joined
 from moeify.errors import MoeifyError
 from moeify.evaluate.params import parameter_counts
 from moeify.evaluate.scoring import blocks_of, score_blocks
 from moeify.evaluate.plots import bar_chart
+from moeify.schema import at_least
 from moeify.modeling.load import load_moe_model
 
 DEFAULT_METHODS = ("upcycle", "random-split", "clustering", "co-activation", "sharing-inner", "sharing-inter", "gradient-greedy")
@@ -31,6 +31,7 @@ DEFAULT_METHODS = ("upcycle", "random-split", "clustering", "co-activation", "sh
 
 @dataclass
 class CompareInitConfig:
+    RANGES: ClassVar[dict] = {"eval_tokens": at_least(1), "block_size": at_least(2)}
     model: str
     """Dense model: a Hugging Face directory, a .gguf file, or an embedded name (smollm2-135m)."""
     out: Path = Path("moeify-compare-init")
@@ -59,7 +60,7 @@ def compare_init(config: CompareInitConfig, progress: bool = True) -> list[dict]
     if base.data.calibration is None:
         base = replace(base, data=replace(base.data, calibration="embedded"))
     dense_dir = resolve_model(config.model)
-    tokenizer = AutoTokenizer.from_pretrained(dense_dir)
+    tokenizer = load_tokenizer(dense_dir)
     try:
         blocks = blocks_of(tokenize_joined(tokenizer, pydoc_topics(heldout=True)), config.block_size, config.eval_tokens)
     except ValueError as error:

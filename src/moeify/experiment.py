@@ -11,6 +11,7 @@ import shutil
 import statistics
 import sys
 from dataclasses import dataclass, replace
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from moeify.evaluate.run import EvalConfig, evaluate
 from moeify.modeling.load import load_moe_model
 from moeify.train.config import TrainConfig
 from moeify.train.loop import train
-from moeify.schema import from_flat, leaf_names, unknown_keys_error
+from moeify.schema import at_least, from_flat, leaf_names, unknown_keys_error
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"  # package data: works from an installed moeify
 TRAIN_KEYS = leaf_names(TrainConfig) - {"model", "data", "out"}
@@ -39,6 +40,7 @@ ARM_KEYS = {"name", "build", "train"}
 
 @dataclass
 class ExperimentConfig:
+    RANGES: ClassVar[dict] = {"max_tokens": at_least(1), "eval_tokens": at_least(1)}
     spec: str
     """construction | scale | sampling | upcycle-vs-dense | capacity, or a .yaml path."""
     out: Path | None = None
@@ -105,7 +107,7 @@ def run_experiment(config: ExperimentConfig) -> dict:
         shared_train["max_tokens"] = config.max_tokens
     if config.data is not None:
         data = PackedDataset(Path(config.data))
-        seq_len = data.seq_len
+        seq_len = shared_train["seq_len"] = data.seq_len  # the data decides the block length
     else:
         seq_len = shared_train.get("seq_len", TrainConfig.seq_len)
         data = prepare(PrepareConfig(model, seq_len=seq_len), progress=False)

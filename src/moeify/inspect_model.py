@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 from moeify.checkpoint.dense import DenseCheckpoint
 from moeify.checkpoint.formats import MoEFeatures, choose_format
@@ -9,10 +10,12 @@ from moeify.checkpoint.resolve import resolve_model
 from moeify.construct import METHODS, ConstructionConfig
 from moeify.construct.config import RouterOptions, check_routing
 from moeify.errors import MoeifyError
+from moeify.schema import at_least
 
 
 @dataclass
 class InspectConfig:
+    RANGES: ClassVar[dict] = {"num_experts": at_least(1), "top_k": at_least(1)}
     model: str
     """Dense model: a Hugging Face directory, a .gguf file or an embedded name (smollm2-135m)."""
     num_experts: int = 8

@@ -7,24 +7,29 @@ with the dense model on held-out text that ships with Python.
 import sys
 import time
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from moeify.build import BuildConfig, build
 from moeify.construct import ConstructionConfig
 from moeify.construct.config import RouterOptions
 from moeify.checkpoint.resolve import DEFAULT_MODEL, cache_dir, resolve_model
 from moeify.data.embedded import pydoc_topics
-from moeify.data.text import tokenize_joined
+from moeify.data.text import load_tokenizer, tokenize_joined
 from moeify.evaluate.generate import greedy, prompt_ids
 from moeify.evaluate.params import parameter_counts
 from moeify.evaluate.scoring import blocks_of, score_blocks
+from moeify.schema import at_least, positive
 
 
 @dataclass
 class QuickstartConfig:
+    RANGES: ClassVar[dict] = {"num_experts": at_least(1), "top_k": at_least(1), "split_scale": positive(), "eval_tokens": at_least(1),
+                              "block_size": at_least(2), "max_new_tokens": at_least(1), "train_tokens": at_least(0),
+                              "train_seq_len": at_least(2), "train_lr": positive()}
     model: str = DEFAULT_MODEL
     """Dense model (default: the embedded SmolLM2-135M-Instruct)."""
     work_dir: Path = field(default_factory=lambda: cache_dir() / "quickstart")
@@ -72,7 +77,7 @@ def quickstart(config: QuickstartConfig) -> list[Row]:
         config = replace(config, split_scale=config.num_experts / config.top_k)
     torch.manual_seed(config.seed)
     dense_dir = resolve_model(config.model)
-    tokenizer = AutoTokenizer.from_pretrained(dense_dir)
+    tokenizer = load_tokenizer(dense_dir)
     blocks = blocks_of(tokenize_joined(tokenizer, pydoc_topics(heldout=True)), config.block_size, config.eval_tokens)
     _log(f"held-out text: {blocks.numel()} tokens of Python's help topics, {blocks.shape[0]} blocks of {config.block_size}")
     prompt = prompt_ids(tokenizer, config.prompt)

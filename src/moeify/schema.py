@@ -18,12 +18,46 @@ from moeify.errors import MoeifyError
 
 
 @dataclasses.dataclass(frozen=True)
+class Range:
+    """Allowed values of a number: low/high bounds, each inclusive or not; None for no bound."""
+
+    low: float | None = None
+    high: float | None = None
+    low_inclusive: bool = True
+    high_inclusive: bool = True
+
+    def __call__(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (value == self.low and not self.low_inclusive)):
+            return False
+        return self.high is None or value < self.high or (value == self.high and self.high_inclusive)
+
+    def describe(self) -> str:
+        if self.high is None:
+            return f"{'at least' if self.low_inclusive else 'greater than'} {self.low:g}"
+        left, right = "[" if self.low_inclusive else "(", "]" if self.high_inclusive else ")"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+
+def at_least(low: float) -> Range:
+    return Range(low)
+
+
+def positive() -> Range:
+    return Range(0, low_inclusive=False)
+
+
+def fraction(low_inclusive: bool = True, high_inclusive: bool = True) -> Range:
+    return Range(0, 1, low_inclusive, high_inclusive)
+
+
+@dataclasses.dataclass(frozen=True)
 class Leaf:
     name: str
     path: tuple[str, ...]  # attribute path from the root config
     kind: Any  # the annotated type
     default: Any
     doc: str
+    range: Range | None = None  # from the owning dataclass's RANGES
 
 
 def _is_group(kind: Any) -> bool:
@@ -59,7 +93,7 @@ def leaves(schema: type, prefix: tuple[str, ...] = (), skip: tuple[str, ...] = (
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
-        yield Leaf(f.name, (*prefix, f.name), kind, default, docs.get(f.name, ""))
+        yield Leaf(f.name, (*prefix, f.name), kind, default, docs.get(f.name, ""), getattr(schema, "RANGES", {}).get(f.name))
 
 
 def leaf_names(schema: type) -> set[str]:
@@ -89,6 +123,29 @@ def from_flat(schema: type, values: dict[str, Any], where: str = "the settings",
     return _construct(schema, checked, (), fixed)
 
 
+def is_given(config: Any, name: str, default: Any = dataclasses.MISSING) -> bool:
+    """Whether a leaf was set by the user: named in the flat settings a config was made from (flags,
+    recipe); for a config made in Python, whether it differs from `default`."""
+    given = getattr(config, "_given", None)
+    if given is not None:
+        return name in given
+    return default is not dataclasses.MISSING and _leaf_value(config, name) != default
+
+
+def _leaf_value(config: Any, name: str) -> Any:
+    return to_flat(config).get(name)
+
+
+def check_values(schema: type, values: dict[str, Any], where: str) -> None:
+    """Refuse unknown keys and wrong types or ranges among `values` (a part of the settings)."""
+    by_name = {leaf.name: leaf for leaf in leaves(schema)}
+    unknown = set(values) - set(by_name)
+    if unknown:
+        raise unknown_keys_error(unknown, set(by_name), where)
+    for name, value in values.items():
+        coerce(by_name[name], value, where)
+
+
 def _construct(schema: type, values: dict[str, Any], prefix: tuple[str, ...], fixed: dict[str, Any], skip: tuple[str, ...] = ()):
     hints = typing.get_type_hints(schema)
     kwargs = {}
@@ -99,7 +156,9 @@ def _construct(schema: type, values: dict[str, Any], prefix: tuple[str, ...], fi
             kwargs[f.name] = values[f.name]
         elif not prefix and f.name in fixed:
             kwargs[f.name] = fixed[f.name]
-    return schema(**kwargs)
+    config = schema(**kwargs)
+    object.__setattr__(config, "_given", frozenset(leaf_names(schema) & set(values)))  # see is_given
+    return config
 
 
 def validate(config: Any, where: str = "the settings") -> None:
@@ -152,22 +211,22 @@ def coerce(leaf: Leaf, value: Any, where: str) -> Any:
     if value is None:
         if optional(leaf.kind):
             return None
-        raise MoeifyError(f"{leaf.name} in {where} must not be empty")
+        raise MoeifyError(f"{_key(leaf, where)} must not be empty")
     kind = base_type(leaf.kind)
     choices = _choices(kind)
     if choices is not None:
         if value not in choices:
-            raise MoeifyError(f"{leaf.name} in {where} is {value!r}; choose one of: {', '.join(map(str, choices))}")
+            raise MoeifyError(f"{_key(leaf, where)} is {value!r}; choose one of: {', '.join(map(str, choices))}")
         return value
     if kind is bool:
         if isinstance(value, bool):
             return value
-    elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+    elif kind in (int, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or isinstance(value, int)):
+            value = kind(value)
+            if leaf.range is not None and not leaf.range(value):
+                raise MoeifyError(f"{_key(leaf, where)} is {value!r}; it must be {leaf.range.describe()}")
             return value
-    elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
     elif kind is str:
         if isinstance(value, (str, Path)):
             return str(value)
@@ -179,7 +238,14 @@ def coerce(leaf: Leaf, value: Any, where: str) -> Any:
             return list(value)
     else:
         return value
-    raise MoeifyError(f"{leaf.name} in {where} is {value!r}; it must be {_type_name(kind)}")
+    raise MoeifyError(f"{_key(leaf, where)} is {value!r}; it must be {_type_name(kind)}")
+
+
+def _key(leaf: Leaf, where: str) -> str:
+    return f"--{leaf.name.replace('_', '-')}" if where == COMMAND_LINE else f"{leaf.name} in {where}"
+
+
+COMMAND_LINE = "the command line"
 
 
 def _type_name(kind: Any) -> str:

@@ -101,8 +101,9 @@ def convert_gguf(gguf: Path, out: Path | None = None) -> Path:
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except (ValueError, OSError, KeyError) as error:
-        raise MoeifyError(f"cannot load GGUF file {gguf}: {str(error).splitlines()[0]}") from None
+    except Exception as error:  # a truncated or foreign file fails anywhere in the GGUF reader (struct, numpy, KeyError)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise MoeifyError(f"cannot load GGUF file {gguf} ({first}); it is truncated or not a GGUF model: download it again") from None
     # transformers refuses to save a GGUF-loaded model while it still carries the quantizer marker;
     # the weights are already dequantised, so the marker is stale.
     model.hf_quantizer = None

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from moeify.construct.kmeans import balanced_kmeans
 from moeify.data.embedded import embedded_corpus
 from moeify.data.sources import Source, read_documents
-from moeify.data.text import split_heldout, tokenize_joined
+from moeify.data.text import load_tokenizer, split_heldout, tokenize_joined
 from moeify.errors import MoeifyError
 
 EMBEDDED = "embedded"
@@ -48,7 +48,7 @@ def calibration_documents(spec: str) -> dict[str, list[str]]:
 
 
 def load_calibration(spec: str, model_dir: Path, max_tokens: int, seq_len: int) -> CalibrationData:
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     per_domain: list[torch.Tensor] = []
     names = []
     for domain, docs in sorted(calibration_documents(spec).items()):

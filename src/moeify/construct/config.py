@@ -3,17 +3,18 @@ the `build:` section of recipes and experiments. Flags and recipe keys are the l
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from moeify.errors import MoeifyError
 from moeify.modeling.router import RouterSpec
-from moeify.schema import leaf_names, replace_flat, to_flat
+from moeify.schema import at_least, fraction, is_given, leaf_names, positive, replace_flat, to_flat
 
 RouterInit = Literal["auto", "normal", "virtual-group", "centroids"]
 
 
 @dataclass
 class RouterOptions:
+    RANGES: ClassVar[dict] = {"top_k": at_least(1), "router_std": at_least(0)}
     top_k: int = 2
     """Experts per token k."""
     routing: Literal["topk-softmax", "softmax-topk", "sigmoid-topk"] = "topk-softmax"
@@ -34,6 +35,7 @@ class RouterOptions:
 
 @dataclass
 class SplitOptions:
+    RANGES: ClassVar[dict] = {"expert_size": at_least(1), "shared_size": at_least(0)}
     expert_size: int | None = None
     """Neurons per routed expert (sharing methods; default: what tiles the FFN)."""
     shared_size: int | None = None
@@ -42,6 +44,7 @@ class SplitOptions:
 
 @dataclass
 class UpcycleOptions:
+    RANGES: ClassVar[dict] = {"granularity": at_least(1), "drop_ratio": fraction(), "noise_std": at_least(0)}
     granularity: int = 1
     """granular-upcycle: slices G per copy of the FFN; experts = copies x G."""
     drop_ratio: float = 0.5
@@ -52,6 +55,7 @@ class UpcycleOptions:
 
 @dataclass
 class ClusteringOptions:
+    RANGES: ClassVar[dict] = {"restarts": at_least(1)}
     cluster_on: Literal["up", "gate"] = "up"
     """clustering: the rows clustered, up or gate."""
     restarts: int = 1
@@ -60,6 +64,8 @@ class ClusteringOptions:
 
 @dataclass
 class CalibrationOptions:
+    RANGES: ClassVar[dict] = {"calibration_tokens": at_least(1), "calibration_seq_len": at_least(2),
+                              "graph_density": fraction(low_inclusive=False)}
     calibration: str | None = None
     """Calibration text: 'embedded' or DOMAIN=PATH[,DOMAIN=PATH...] (data-driven methods)."""
     calibration_tokens: int = 16384
@@ -72,6 +78,7 @@ class CalibrationOptions:
 
 @dataclass
 class ConstructionConfig:
+    RANGES: ClassVar[dict] = {"num_experts": at_least(1), "scale": positive()}
     method: str = "upcycle"
     """Construction method (moeify inspect lists them)."""
     num_experts: int = 8
@@ -128,6 +135,14 @@ def method_options(config: ConstructionConfig) -> dict:
 def with_method_options(config: ConstructionConfig, recorded: dict) -> ConstructionConfig:
     """`config` with the method and method options a partition file recorded (router options stay)."""
     return replace_flat(config, **{k: v for k, v in recorded.items() if k in PARTITION_ROOT_KEYS or _in_groups(k)})
+
+
+def partition_conflicts(config: ConstructionConfig, recorded: dict) -> list[str]:
+    """Method settings given (not left at their defaults) that differ from what a partition file records.
+    The seed is not one: the partition's seed wins (it also seeds the router)."""
+    values, defaults = method_options(config), method_options(ConstructionConfig())
+    return [f"{key} {values[key]!r} (the file: {recorded[key]!r})" for key in recorded
+            if key != "seed" and key in values and is_given(config, key, defaults.get(key)) and values[key] != recorded[key]]
 
 
 def _in_groups(key: str) -> bool:

@@ -57,9 +57,13 @@ class Partition:
                   "shared_size": self.shared_size, "model": self.model, "options": self.options, "stats": self.stats}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        write_safetensors(tmp, tensors, {"moeify": json.dumps(header, sort_keys=True)})
-        tmp.replace(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            write_safetensors(tmp, tensors, {"moeify": json.dumps(header, sort_keys=True)})
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod

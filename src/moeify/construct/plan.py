@@ -12,7 +12,7 @@ import torch
 
 from moeify.checkpoint.dense import DenseCheckpoint
 from moeify.checkpoint.manifest import Manifest
-from moeify.construct.config import ConstructionConfig, method_options, with_method_options
+from moeify.construct.config import ConstructionConfig, method_options, partition_conflicts, with_method_options
 from moeify.construct.methods import ConstructionMethod
 from moeify.construct.partition import Partition, model_fingerprint
 from moeify.construct.registry import get_method
@@ -42,6 +42,10 @@ class ConstructionPlan:
         if config.partition is not None:
             partition = Partition.load(config.partition)
             partition.check_model(dense, source)
+            conflicts = partition_conflicts(config, partition.options)
+            if conflicts:
+                raise MoeifyError(f"{', '.join(conflicts)} conflict with the partition file {config.partition}: drop those settings "
+                                  f"(the file decides them) or make another partition with `moeify split`")
             config = with_method_options(config, partition.options)
             method = get_method(partition.method)
         else:

@@ -4,6 +4,7 @@ import hashlib
 import json
 import sys
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,9 @@ from moeify.checkpoint.resolve import DEFAULT_MODEL, cache_dir, resolve_model
 from moeify.data.embedded import embedded_corpus
 from moeify.data.packed import META, PackedDataset
 from moeify.data.sources import Source, read_documents
-from moeify.data.text import HELDOUT_EVERY, document_separator, split_heldout, tokenize_joined
+from moeify.data.text import HELDOUT_EVERY, document_separator, load_tokenizer, split_heldout, tokenize_joined
 from moeify.errors import MoeifyError
+from moeify.schema import at_least
 
 FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json")
@@ -23,6 +25,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.tx
 
 @dataclass
 class PrepareConfig:
+    RANGES: ClassVar[dict] = {"seq_len": at_least(2), "embedded_chars": at_least(1)}
     model: str = DEFAULT_MODEL
     """Model whose tokenizer is used (directory, .gguf or embedded name)."""
     sources: list[str] = field(default_factory=list)
@@ -65,8 +68,6 @@ def _source_fingerprint(sources: list[Source]) -> str:
 def prepare(config: PrepareConfig, progress: bool = True) -> PackedDataset:
     if config.seq_len < 2:
         raise MoeifyError(f"--seq-len must be at least 2, got {config.seq_len}")
-    from transformers import AutoTokenizer
-
     model_dir = resolve_model(config.model)
     sources = [Source.parse(spec) for spec in config.sources]
     key = {
@@ -80,7 +81,7 @@ def prepare(config: PrepareConfig, progress: bool = True) -> PackedDataset:
     if (out / META).is_file() and json.loads((out / META).read_text()).get("fingerprint") == fingerprint:
         return PackedDataset(out)
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     eos = document_separator(tokenizer)
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
     if sources:

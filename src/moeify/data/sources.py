@@ -76,7 +76,10 @@ def _parquet(file: Path) -> Iterator[str]:
         import pyarrow.parquet as pq
     except ImportError:
         raise MoeifyError(f"reading {file} needs pyarrow; pip install pyarrow") from None
-    table = pq.read_table(file)
+    try:
+        table = pq.read_table(file)
+    except Exception as error:  # pyarrow's ArrowInvalid and friends
+        raise MoeifyError(f"cannot read {file} as parquet ({str(error).splitlines()[0]}); give a parquet file with a 'text' column") from None
     if TEXT_FIELD not in table.column_names:
         raise MoeifyError(f"{file} has no column 'text' (columns: {', '.join(table.column_names)})")
     yield from (t for t in table.column(TEXT_FIELD).to_pylist() if t and t.strip())

@@ -37,3 +37,14 @@ def tokenize_joined(tokenizer, documents: list[str], max_tokens: int | None = No
         if max_tokens is not None and len(ids) >= max_tokens:
             break
     return ids
+
+
+def load_tokenizer(model_dir):
+    """The model's tokenizer, or a one-line error when the directory has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise MoeifyError(f"{model_dir} has no usable tokenizer ({first[:160]}); copy the dense model's tokenizer files into it") from None

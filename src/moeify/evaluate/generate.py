@@ -1,11 +1,13 @@
 """`moeify generate`: a quick look at what a model writes (greedy, chat template when there is one)."""
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from moeify.errors import MoeifyError
 from moeify.evaluate.models import load_for_eval
+from moeify.schema import at_least
 
 
 def prompt_ids(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
@@ -24,6 +26,7 @@ def greedy(model, tokenizer, ids: torch.Tensor, max_new_tokens: int) -> str:
 
 @dataclass
 class GenerateConfig:
+    RANGES: ClassVar[dict] = {"max_new_tokens": at_least(1)}
     model: str
     """Model directory, training run, .gguf or embedded name."""
     prompt: str
@@ -34,8 +37,6 @@ class GenerateConfig:
 
 
 def run_generate(config: GenerateConfig) -> str:
-    if config.max_new_tokens < 1:
-        raise MoeifyError(f"--max-new-tokens must be at least 1, got {config.max_new_tokens}")
     if not config.prompt.strip():
         raise MoeifyError("--prompt is empty; give the text to complete")
     return generate(config.model, config.prompt, config.max_new_tokens, config.chat)

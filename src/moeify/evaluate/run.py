@@ -6,6 +6,7 @@ import json
 import re
 import sys
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 from moeify.checkpoint.atomic import atomic_directory
@@ -14,12 +15,14 @@ from moeify.evaluate.plots import expert_share_heatmaps
 from moeify.evaluate.routing import RoutingStats, top_expert_change
 from moeify.evaluate.scoring import score_documents
 from moeify.evaluate.text import evaluation_documents
+from moeify.schema import at_least
 
 EVAL_JSON = "eval.json"
 
 
 @dataclass
 class EvalConfig:
+    RANGES: ClassVar[dict] = {"seq_len": at_least(1), "max_tokens": at_least(1), "batch_size": at_least(1), "lm_eval_limit": at_least(1)}
     models: list[str]
     """Models (directories, runs, .gguf, embedded names); the first is the baseline."""
     out: Path = Path("moeify-eval")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch import nn
 
@@ -43,17 +44,37 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, trainer_s
         tmp.mkdir(parents=True)
     barrier(env)
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "dcp"))
-    torch.save(torch.get_rng_state(), tmp / f"rng-rank{env.rank}.pt")
-    barrier(env)
+    try:
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "dcp"))
+        torch.save(torch.get_rng_state(), tmp / f"rng-rank{env.rank}.pt")
+        barrier(env)
+        if env.is_main:
+            (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+    except (OSError, CheckpointException) as error:  # a half-written checkpoint never looks complete
+        if env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _os_error(error) from None
     if env.is_main:
-        (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in complete_checkpoints(out)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     barrier(env)
     return final
+
+
+def _os_error(error: Exception) -> OSError:
+    """DCP wraps each rank's failure in a CheckpointException; the OSError inside is what the user needs."""
+    if isinstance(error, OSError):
+        return error
+    for failure in getattr(error, "failures", {}).values():
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        while inner is not None and not isinstance(inner, OSError):
+            inner = inner.__cause__ or inner.__context__
+        if inner is not None:
+            return inner
+    first = next(iter(getattr(error, "failures", {}).values()), (error,))[0]
+    return OSError(f"{type(first).__name__}: {str(first).splitlines()[0] if str(first) else 'checkpoint write failed'}")
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, env: DistEnv, identity: dict) -> dict:

@@ -1,14 +1,17 @@
 """`moeify train` from the command line: the training settings, the construction settings that
 --from-dense builds with (the recipe's build: section and the construction flags), and when to stop."""
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 from moeify.construct import ConstructionConfig
+from moeify.schema import at_least
 from moeify.train.config import TrainConfig
 
 
 @dataclass
 class TrainCommand:
+    RANGES: ClassVar[dict] = {"stop_after_steps": at_least(0)}
     train: TrainConfig = field(default_factory=TrainConfig)
     construction: ConstructionConfig = field(default_factory=ConstructionConfig, metadata={"skip": ("seed",)})
     """Online upcycling (--from-dense) constructs with the training --seed."""
@@ -20,7 +23,8 @@ def run_train(command: TrainCommand) -> str | None:
     from moeify.train.distributed import shutdown_distributed
     from moeify.train.loop import train
 
-    construction = replace(command.construction, seed=command.train.seed)
+    construction = command.construction
+    construction.seed = command.train.seed  # in place: the record of which settings were given stays
     try:
         result = train(command.train, construction, stop_after_steps=command.stop_after_steps)
     finally:

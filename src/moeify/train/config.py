@@ -1,17 +1,25 @@
 """Training configuration: one dataclass, loaded from a YAML recipe and overridden by CLI flags."""
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 from pathlib import Path
 
 import yaml
 
 from moeify.errors import MoeifyError
-from moeify.schema import from_flat
+from moeify.schema import at_least, fraction, from_flat, positive
 
 
 @dataclass
 class TrainConfig:
+    RANGES: ClassVar[dict] = {
+        "seq_len": at_least(2), "batch_size": at_least(1), "micro_batch": at_least(1), "max_tokens": at_least(1), "lr": positive(),
+        "min_lr_ratio": fraction(), "warmup_steps": at_least(0), "weight_decay": at_least(0), "beta1": fraction(True, False),
+        "beta2": fraction(True, False), "grad_clip": at_least(0), "dynamic_eta": positive(), "eval_every": at_least(0),
+        "eval_blocks": at_least(1), "balance_coef": at_least(0), "z_loss_coef": at_least(0), "bias_update_rate": at_least(0),
+        "capacity_factor": positive(), "checkpoint_every": at_least(0), "keep_checkpoints": at_least(1), "peak_tflops": positive(),
+        "log_every": at_least(1),
+    }
     model: str = "smollm2-135m"
     """Model to train: an MoE or dense Hugging Face directory, a .gguf file or an embedded name."""
     from_dense: str | None = None

@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from moeify.construct import ConstructionConfig
-from moeify.errors import MoeifyError
+from moeify.errors import MoeifyError, describe_os_error
 from moeify.modeling.hf import MoEFeedForward
 from moeify.train.checkpoint import save_checkpoint
 from moeify.train.config import TrainConfig
@@ -44,25 +44,32 @@ def train(config: TrainConfig, construction: ConstructionConfig | None = None, p
         run.last_checkpoint = _checkpoint(run, 0)
     bar = tqdm(total=run.steps, initial=run.start_step, desc="train", unit="step", disable=not (progress and run.env.is_main),
                file=sys.stderr)
-    for step in range(run.start_step + 1, end_step + 1):
-        record = _step(run, step)
-        if "heldout_loss" in record:
-            result.heldout = record["heldout_loss"]
-        result.losses.append(record["loss"])
-        result.steps = step
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == end_step:
-            run.last_checkpoint = _checkpoint(run, step)
-    bar.close()
-    run.logger.close()
+    try:
+        for step in range(run.start_step + 1, end_step + 1):
+            try:
+                record = _step(run, step)
+                if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == end_step:
+                    run.last_checkpoint = _checkpoint(run, step)
+            except OSError as error:
+                where = f"{run.last_checkpoint} is complete: continue with --resume" if run.last_checkpoint else "no checkpoint was completed"
+                raise MoeifyError(f"{describe_os_error(error)}; training stopped at step {step}; {where}") from None
+            if "heldout_loss" in record:
+                result.heldout = record["heldout_loss"]
+            result.losses.append(record["loss"])
+            result.steps = step
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+    finally:  # the bar ends its line before any error message
+        bar.close()
+        run.logger.close()
     result.finished = result.steps == run.steps
     if result.finished and config.export:
         training = {"steps": run.steps, "tokens": run.tokens_seen, "config": asdict(config), "heldout_loss": result.heldout}
         try:
             result.model_dir = export_stock(run.model, run.model_config, run.model_dir, run.out / "model", run.env, run.manifest, training)
-        except MoeifyError as error:
-            print(f"moeify: not exported: {error}; the resumable checkpoint is in {run.out / 'checkpoints'}", file=sys.stderr)
+        except (MoeifyError, OSError) as error:
+            reason = describe_os_error(error) if isinstance(error, OSError) else error
+            print(f"moeify: not exported: {reason}; the resumable checkpoint is in {run.out / 'checkpoints'}", file=sys.stderr)
     return result
 
 

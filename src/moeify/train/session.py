@@ -21,6 +21,7 @@ from moeify.errors import MoeifyError
 from moeify.modeling.hf import MoEFeedForward
 from moeify.modeling.load import load_moe_model
 from moeify.train.checkpoint import complete_checkpoints, load_checkpoint
+from moeify.schema import is_given
 from moeify.train.config import TrainConfig
 from moeify.train.distributed import (DistEnv, barrier, compile_layers, compute_dtype, enable_activation_checkpointing, gather_to_list,
                                      init_distributed, wrap_model)
@@ -138,7 +139,11 @@ def open_session(config: TrainConfig, construction: ConstructionConfig | None = 
 
 def _dataset(config: TrainConfig) -> PackedDataset:
     if config.data:
-        return PackedDataset(Path(config.data))
+        data = PackedDataset(Path(config.data))
+        if is_given(config, "seq_len", TrainConfig.seq_len) and config.seq_len != data.seq_len:
+            raise MoeifyError(f"--seq-len {config.seq_len} conflicts with --data {config.data}, packed in blocks of {data.seq_len}: "
+                              f"drop --seq-len or prepare the data again with `moeify data prepare --seq-len {config.seq_len}`")
+        return data
     return prepare(PrepareConfig(config.model, seq_len=config.seq_len), progress=False)
 
 

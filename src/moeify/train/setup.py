@@ -10,7 +10,7 @@ from moeify.checkpoint.manifest import Manifest
 from moeify.checkpoint.resolve import resolve_model
 from moeify.data.packed import PackedDataset
 from moeify.errors import MoeifyError
-from moeify.schema import validate
+from moeify.schema import is_given, validate
 from moeify.modeling.hf import MoEFeedForward
 from moeify.train.config import TrainConfig
 from moeify.train.distributed import DistEnv
@@ -18,6 +18,10 @@ from moeify.train.heldout import heldout_losses
 
 def check_config(config: TrainConfig, env: DistEnv) -> None:
     validate(config, "the training settings")
+    if config.from_dense and is_given(config, "model", TrainConfig.model):
+        raise MoeifyError(f"--from-dense {config.from_dense} builds the model; --model {config.model} would be ignored: give one of them")
+    if config.resume and config.force:
+        raise MoeifyError("--resume continues the run in --out and --force starts it afresh: give one of them")
     if config.micro_batch < 1 or config.batch_size % (config.micro_batch * env.world_size):
         raise MoeifyError(
             f"--batch-size {config.batch_size} must be a multiple of --micro-batch {config.micro_batch} "

@@ -1,0 +1,274 @@
+"""Bad input over every verb, as a table: exit code 2, one error line, no traceback, nothing half-written.
+
+Read-only and full-disk targets are real: a read-only tmpfs and a 64 KiB tmpfs, mounted by the test
+(the tests run as root, where a directory without write permission would not stop a write). Where
+mounting is not allowed the test says so and simulates the OS error at the write calls instead
+(`open` and `mkdir` under the target raise EROFS / ENOSPC).
+"""
+
+import builtins
+import contextlib
+import errno
+import io
+import os
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moeify.cli import main
+from tests.conftest import error_lines
+
+_MOUNTED: dict[str, str] = {}  # how each kind of target was made, for the record
+
+
+@contextlib.contextmanager
+def target(tmp_path: Path, kind: str, monkeypatch):
+    """A directory that is read-only ("ro") or small enough to fill ("full": 64 KiB, "full-1m": 1 MiB)."""
+    root = tmp_path / f"mnt-{kind}"
+    root.mkdir()
+    options = {"ro": "ro,size=64k", "full": "size=64k", "full-1m": "size=1m"}[kind]
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(root)], capture_output=True).returncode == 0
+    _MOUNTED[kind] = "tmpfs mount" if mounted else "simulated OSError at open/mkdir"
+    if not mounted:
+        code = errno.EROFS if kind == "ro" else errno.ENOSPC
+        real_open, real_io_open, real_mkdir = builtins.open, io.open, os.mkdir
+
+        def refuse(path) -> None:
+            if str(os.fspath(path)).startswith(str(root)):
+                raise OSError(code, os.strerror(code), str(path))
+
+        def fake_open(file, mode="r", *args, **kwargs):
+            if any(flag in mode for flag in "wax+"):
+                refuse(file)
+            return real_open(file, mode, *args, **kwargs)
+
+        def fake_mkdir(path, *args, **kwargs):
+            refuse(path)
+            return real_mkdir(path, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", fake_open)
+        monkeypatch.setattr(io, "open", fake_open)
+        monkeypatch.setattr(os, "mkdir", fake_mkdir)
+    try:
+        yield root
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(root)], capture_output=True)
+
+
+@dataclass
+class Case:
+    name: str
+    argv: Callable[[dict], list[str]]  # from the context: models, data, paths
+    fragment: str  # what the one error line must say
+    out: Callable[[dict], Path] | None = None  # what must not exist (or stay empty) afterwards
+    mount: str | None = None  # "ro" | "full": ctx["mnt"] is such a directory
+
+
+def _recipe(ctx: dict, text: str) -> str:
+    path = ctx["tmp"] / "recipe.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def _experiment(ctx: dict, document) -> str:
+    path = ctx["tmp"] / "experiment.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return str(path)
+
+
+def _file(ctx: dict, name: str, content: bytes) -> str:
+    path = ctx["tmp"] / name
+    path.write_bytes(content)
+    return str(path)
+
+
+def _dir_with(ctx: dict, name: str, files: dict[str, str]) -> str:
+    path = ctx["tmp"] / name
+    path.mkdir()
+    for file, text in files.items():
+        (path / file).write_text(text)
+    return str(path)
+
+
+L = lambda ctx: str(ctx["llama"])  # noqa: E731
+OUT = lambda ctx: ctx["tmp"] / "out"  # noqa: E731
+TRAIN = lambda ctx: ["train", str(ctx["moe"]), "--data", str(ctx["data"]), "--out", str(OUT(ctx)), "--batch-size", "8",  # noqa: E731
+                     "--micro-batch", "4", "--max-tokens", "512", "--eval-blocks", "1", "--no-export"]
+BUILD = lambda ctx, *flags: ["build", L(ctx), "--out", str(OUT(ctx)), *flags]  # noqa: E731
+
+CASES = [
+    # inspect
+    Case("inspect-missing", lambda c: ["inspect", str(c["tmp"] / "nope")], "no model at"),
+    Case("inspect-zero-experts", lambda c: ["inspect", L(c), "--num-experts", "0"], "--num-experts is 0; it must be at least 1"),
+    Case("inspect-k-above-E", lambda c: ["inspect", L(c), "--top-k", "9"], "larger than --num-experts 8"),
+    Case("inspect-model-twice", lambda c: ["inspect", L(c), "--model", str(c["qwen2"])], "given twice"),
+    Case("inspect-tiny-gguf", lambda c: ["inspect", _file(c, "bad.gguf", b"GGUF" + bytes(96))], "cannot load GGUF file"),
+    Case("inspect-not-a-model", lambda c: ["inspect", _dir_with(c, "empty", {"x.txt": "hi"})], "has no config.json"),
+    # build
+    Case("build-not-divisible", lambda c: BUILD(c, "--method", "random-split", "--num-experts", "7"), "not divisible", OUT),
+    Case("build-top-k-zero", lambda c: BUILD(c, "--top-k", "0"), "--top-k is 0; it must be at least 1", OUT),
+    Case("build-negative-scale", lambda c: BUILD(c, "--scale", "-2"), "--scale is -2.0; it must be greater than 0", OUT),
+    Case("build-negative-router-std", lambda c: BUILD(c, "--router-std", "-1"), "--router-std is -1.0; it must be at least 0", OUT),
+    Case("build-drop-ratio-above-1", lambda c: BUILD(c, "--method", "drop-upcycle", "--drop-ratio", "1.5"), "in [0, 1]", OUT),
+    Case("build-granularity-zero", lambda c: BUILD(c, "--granularity", "0"), "--granularity is 0", OUT),
+    Case("build-unknown-method", lambda c: BUILD(c, "--method", "nope"), "unknown method 'nope'", OUT),
+    Case("build-unknown-format", lambda c: BUILD(c, "--format", "nope"), "unknown format 'nope'", OUT),
+    Case("build-format-cannot-hold", lambda c: BUILD(c, "--routing", "sigmoid-topk", "--format", "mixtral"), "Mixtral routes", OUT),
+    Case("build-shard-size-zero", lambda c: BUILD(c, "--max-shard-mb", "0"), "--max-shard-mb is 0.0", OUT),
+    Case("build-missing-partition", lambda c: BUILD(c, "--partition", str(c["tmp"] / "p.safetensors")), "does not exist", OUT),
+    Case("build-partition-other-E", lambda c: BUILD(c, "--partition", str(c["partition"]), "--num-experts", "8"),
+         "num_experts 8 (the file: 4) conflict with the partition file", OUT),
+    Case("build-partition-other-method", lambda c: BUILD(c, "--partition", str(c["partition"]), "--method", "clustering"),
+         "method 'clustering' (the file: 'random-split') conflict", OUT),
+    Case("build-recipe-wrong-type", lambda c: BUILD(c, "--recipe", _recipe(c, "build:\n  num_experts: four\n")),
+         "num_experts in recipe", OUT),
+    Case("build-recipe-unknown-key", lambda c: BUILD(c, "--recipe", _recipe(c, "build:\n  top_kk: 2\n")), "did you mean top_k?", OUT),
+    Case("build-recipe-missing", lambda c: BUILD(c, "--recipe", str(c["tmp"] / "none.yaml")), "does not exist", OUT),
+    Case("build-recipe-not-yaml", lambda c: BUILD(c, "--recipe", _recipe(c, "build: [unclosed\n")), "not valid YAML", OUT),
+    Case("build-out-is-a-file", lambda c: ["build", L(c), "--out", _file(c, "afile", b"x")], "is a file"),
+    Case("build-out-not-empty", lambda c: ["build", L(c), "--out", _dir_with(c, "full-dir", {"keep.txt": "mine"})], "not empty"),
+    Case("build-read-only", lambda c: ["build", L(c), "--out", str(c["mnt"] / "moe")], "Read-only file system",
+         lambda c: c["mnt"] / "moe", "ro"),
+    Case("build-disk-full", lambda c: ["build", L(c), "--out", str(c["mnt"] / "moe")], "No space left on device",
+         lambda c: c["mnt"] / "moe", "full"),
+    Case("build-tiny-gguf", lambda c: ["build", _file(c, "bad.gguf", b"GGUF" + bytes(96)), "--out", str(OUT(c))], "cannot load GGUF", OUT),
+    Case("build-centroids-without-clustering", lambda c: BUILD(c, "--method", "random-split", "--num-experts", "4",
+                                                               "--router-init", "centroids"), "not available with --method random-split", OUT),
+    Case("build-shared-too-large", lambda c: BUILD(c, "--method", "random-split", "--num-experts", "4", "--shared-size", "96"),
+         "--shared-size must be in [0, 96)", OUT),
+    Case("build-needs-calibration", lambda c: BUILD(c, "--method", "sharing-inner", "--num-experts", "4"), "needs calibration text", OUT),
+    Case("build-bad-routing-choice", lambda c: BUILD(c, "--recipe", _recipe(c, "build:\n  routing: softmax\n")), "choose one of", OUT),
+    # split
+    Case("split-out-is-dir", lambda c: ["split", L(c), "--method", "random-split", "--num-experts", "4", "--out", str(c["tmp"])],
+         "is a directory"),
+    Case("split-with-partition", lambda c: ["split", L(c), "--partition", str(c["partition"]), "--out", str(c["tmp"] / "q.safetensors")],
+         "is the input of build", lambda c: c["tmp"] / "q.safetensors"),
+    Case("split-read-only", lambda c: ["split", L(c), "--method", "random-split", "--num-experts", "4", "--out", str(c["mnt"] / "p.st")],
+         "Read-only file system", lambda c: c["mnt"] / "p.st", "ro"),
+    Case("split-calibration-seq-len", lambda c: ["split", L(c), "--method", "co-activation", "--calibration", "embedded",
+                                                 "--calibration-seq-len", "1", "--out", str(c["tmp"] / "q.st")], "at least 2",
+         lambda c: c["tmp"] / "q.st"),
+    Case("split-graph-density-zero", lambda c: ["split", L(c), "--method", "co-activation", "--graph-density", "0",
+                                                "--out", str(c["tmp"] / "q.st")], "--graph-density is 0.0; it must be in (0, 1]",
+         lambda c: c["tmp"] / "q.st"),
+    Case("split-bad-calibration-source", lambda c: ["split", L(c), "--method", "co-activation", "--num-experts", "4", "--calibration",
+                                                    "nodomain", "--out", str(c["tmp"] / "q.st")], "is not DOMAIN=PATH",
+         lambda c: c["tmp"] / "q.st"),
+    # export
+    Case("export-dense", lambda c: ["export", L(c), "--out", str(OUT(c))], "not an MoE that moeify made", OUT),
+    Case("export-missing", lambda c: ["export", str(c["tmp"] / "nope"), "--out", str(OUT(c))], "no model at", OUT),
+    Case("export-read-only", lambda c: ["export", str(c["moe"]), "--out", str(c["mnt"] / "x")], "Read-only file system",
+         lambda c: c["mnt"] / "x", "ro"),
+    Case("export-out-not-empty", lambda c: ["export", str(c["moe"]), "--out", _dir_with(c, "occupied", {"a": "b"})], "not empty"),
+    # compare-init
+    Case("compare-unknown-method", lambda c: ["compare-init", L(c), "--methods", "upcycle,nope", "--out", str(OUT(c))],
+         "unknown method 'nope'", OUT),
+    Case("compare-eval-tokens-zero", lambda c: ["compare-init", L(c), "--eval-tokens", "0", "--out", str(OUT(c))], "at least 1", OUT),
+    Case("compare-block-size", lambda c: ["compare-init", L(c), "--block-size", "1", "--out", str(OUT(c))], "at least 2", OUT),
+    # experiment
+    Case("experiment-unknown", lambda c: ["experiment", "nope", "--out", str(OUT(c))], "no experiment 'nope'", OUT),
+    Case("experiment-misspelt-arm-key", lambda c: ["experiment", _experiment(c, {"name": "x", "model": L(c), "arms": [
+        {"name": "a", "biuld": {}}]}), "--out", str(OUT(c))], "biuld (did you mean build?)", OUT),
+    Case("experiment-not-a-mapping", lambda c: ["experiment", _experiment(c, [1, 2]), "--out", str(OUT(c))], "an experiment is a mapping",
+         OUT),
+    Case("experiment-max-tokens-zero", lambda c: ["experiment", "capacity", "--max-tokens", "0", "--out", str(OUT(c))], "at least 1", OUT),
+    # quickstart
+    Case("quickstart-negative-train-tokens", lambda c: ["quickstart", L(c), "--train-tokens", "-5", "--work-dir", str(OUT(c))],
+         "--train-tokens is -5; it must be at least 0", OUT),
+    Case("quickstart-top-k-zero", lambda c: ["quickstart", L(c), "--top-k", "0", "--work-dir", str(OUT(c))], "--top-k is 0", OUT),
+    Case("quickstart-missing-model", lambda c: ["quickstart", str(c["tmp"] / "nope"), "--work-dir", str(OUT(c))], "no model at", OUT),
+    # data prepare
+    Case("prepare-seq-len", lambda c: ["data", "prepare", L(c), "--seq-len", "1", "--out", str(OUT(c))], "--seq-len is 1", OUT),
+    Case("prepare-fake-parquet", lambda c: ["data", "prepare", L(c), "--source", f"web={_file(c, 'x.parquet', b'not parquet')}",
+                                            "--out", str(OUT(c))], "cannot read", OUT),
+    Case("prepare-bad-source-spec", lambda c: ["data", "prepare", L(c), "--source", "justapath", "--out", str(OUT(c))],
+         "is not DOMAIN=PATH", OUT),
+    Case("prepare-no-tokenizer", lambda c: ["data", "prepare", str(c["no_tokenizer"]), "--out", str(OUT(c))], "no usable tokenizer", OUT),
+    Case("prepare-empty-source", lambda c: ["data", "prepare", L(c), "--source", f"web={_dir_with(c, 'blank', {'a.txt': ' '})}",
+                                            "--out", str(OUT(c))], "has no text", OUT),
+    Case("prepare-read-only", lambda c: ["data", "prepare", L(c), "--out", str(c["mnt"] / "data")], "Read-only file system",
+         lambda c: c["mnt"] / "data", "ro"),
+    # eval
+    Case("eval-seq-len-zero", lambda c: ["eval", L(c), "--seq-len", "0", "--out", str(OUT(c))], "--seq-len is 0", OUT),
+    Case("eval-max-tokens-zero", lambda c: ["eval", L(c), "--max-tokens", "0", "--out", str(OUT(c))], "--max-tokens is 0", OUT),
+    Case("eval-not-a-model", lambda c: ["eval", _dir_with(c, "nomodel", {"r.txt": "x"}), "--out", str(OUT(c))], "is not a model", OUT),
+    Case("eval-empty-domain", lambda c: ["eval", L(c), "--data", f"web={_dir_with(c, 'blank2', {'a.txt': ' '})}", "--out", str(OUT(c))],
+         "no text found", OUT),
+    Case("eval-read-only", lambda c: ["eval", L(c), "--max-tokens", "64", "--out", str(c["mnt"] / "e")], "Read-only file system",
+         lambda c: c["mnt"] / "e", "ro"),
+    # report, generate
+    Case("report-no-metrics", lambda c: ["report", str(c["tmp"])], "has no metrics.jsonl"),
+    Case("generate-negative-tokens", lambda c: ["generate", L(c), "--prompt", "hi", "--max-new-tokens", "-1"], "--max-new-tokens is -1"),
+    Case("generate-empty-prompt", lambda c: ["generate", L(c), "--prompt", "  "], "--prompt is empty"),
+    Case("generate-missing-model", lambda c: ["generate", str(c["tmp"] / "nope"), "--prompt", "hi"], "no model at"),
+    # train
+    Case("train-batch-size-zero", lambda c: [*TRAIN(c), "--batch-size", "0"], "--batch-size is 0; it must be at least 1", OUT),
+    Case("train-negative-lr", lambda c: [*TRAIN(c), "--lr", "-1"], "--lr is -1.0; it must be greater than 0", OUT),
+    Case("train-negative-checkpoint-every", lambda c: [*TRAIN(c), "--checkpoint-every", "-1"], "--checkpoint-every is -1", OUT),
+    Case("train-seq-len-conflicts-with-data", lambda c: [*TRAIN(c), "--seq-len", "512"], "conflicts with --data", OUT),
+    Case("train-model-and-from-dense", lambda c: [*TRAIN(c), "--from-dense", L(c)], "give one of them", OUT),
+    Case("train-resume-and-force", lambda c: [*TRAIN(c), "--resume", "--force"], "give one of them", OUT),
+    Case("train-resume-nothing", lambda c: [*TRAIN(c), "--resume"], "holds no complete checkpoint", OUT),
+    Case("train-recipe-wrong-type", lambda c: [*TRAIN(c), "--recipe", _recipe(c, "train:\n  batch_size: eight\n")], "batch_size in recipe",
+         OUT),
+    Case("train-micro-batch", lambda c: [*TRAIN(c), "--micro-batch", "3"], "must be a multiple of --micro-batch 3", OUT),
+    Case("train-dynamic-without-eval", lambda c: [*TRAIN(c), "--dynamic", "softmax"], "set --eval-every N", OUT),
+    Case("train-capacity-zero", lambda c: [*TRAIN(c), "--capacity-factor", "0"], "--capacity-factor is 0.0", OUT),
+    Case("train-online-needs-partition", lambda c: ["train", "--from-dense", L(c), "--data", str(c["data"]), "--out", str(OUT(c)),
+                                                    "--method", "clustering", "--num-experts", "4"], "needs a partition here", OUT),
+    Case("train-disk-full-at-checkpoint", lambda c: [*TRAIN(c)[:4], "--out", str(c["mnt"] / "run"), *TRAIN(c)[6:], "--checkpoint-every", "1"],
+         "No space left on device; free some space or write elsewhere; training stopped at step 1; no checkpoint was completed",
+         lambda c: c["mnt"] / "run" / "checkpoints", "full-1m"),
+    Case("train-read-only", lambda c: [*TRAIN(c)[:4], "--out", str(c["mnt"] / "run"), *TRAIN(c)[6:]], "Read-only file system",
+         lambda c: c["mnt"] / "run", "ro"),
+]
+
+
+@pytest.fixture(scope="module")
+def context(tiny_models, tiny_moe, tiny_data, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("bad-input-shared")
+    partition = root / "p.safetensors"
+    assert main(["split", str(tiny_models["llama"]), "--method", "random-split", "--num-experts", "4", "--out", str(partition)]) == 0
+    no_tokenizer = root / "no-tokenizer"
+    no_tokenizer.mkdir()
+    for file in (tiny_models["llama"]).iterdir():
+        if not file.name.startswith("tokenizer") and file.name != "special_tokens_map.json":
+            (no_tokenizer / file.name).write_bytes(file.read_bytes())
+    return {"llama": tiny_models["llama"], "qwen2": tiny_models["qwen2"], "moe": tiny_moe, "data": tiny_data, "partition": partition,
+            "no_tokenizer": no_tokenizer}
+
+
+def test_the_table_covers_every_verb_with_at_least_sixty_cases():
+    from moeify.cli import VERBS
+
+    assert len(CASES) >= 60 and len({c.name for c in CASES}) == len(CASES)
+    verb_of_prefix = {"compare": "compare-init", "prepare": "data prepare"}
+    covered = {verb_of_prefix.get(c.name.split("-")[0], c.name.split("-")[0]) for c in CASES}
+    assert covered == {verb.name for verb in VERBS}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_is_one_line_and_leaves_nothing(case: Case, context, tmp_path, capsys, monkeypatch):
+    ctx = {**context, "tmp": tmp_path}
+    with contextlib.ExitStack() as stack:
+        if case.mount:
+            ctx["mnt"] = stack.enter_context(target(tmp_path, case.mount, monkeypatch))
+        argv = case.argv(ctx)
+        capsys.readouterr()
+        code = main(argv)
+        err = capsys.readouterr().err
+        lines = error_lines(err)
+        assert code == 2, f"exit {code}; stderr:\n{err}"
+        assert "Traceback" not in err
+        assert len(lines) == 1 and lines[0].startswith("moeify: error: "), f"expected one error line, got:\n{err}"
+        assert case.fragment in lines[0], f"{case.fragment!r} not in {lines[0]!r}"
+        if case.out is not None:
+            out = case.out(ctx)
+            assert not out.exists() or (out.is_dir() and not any(out.iterdir())), f"{out} was left behind"
+            leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+            assert not leftovers, f"temporary files left: {leftovers}"
