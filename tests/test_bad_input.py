@@ -127,6 +127,10 @@ CASES = [
          "method 'clustering' (the file: 'random-split') conflict", OUT),
     Case("build-recipe-wrong-type", lambda c: BUILD(c, "--recipe", _recipe(c, "build:\n  num_experts: four\n")),
          "num_experts in recipe", OUT),
+    Case("build-recipe-scale-not-a-number", lambda c: BUILD(c, "--recipe", _recipe(c, "build:\n  scale: big\n")),
+         "scale in recipe", OUT),
+    Case("build-partition-experts-alias", lambda c: BUILD(c, "--partition", str(c["partition"]), "--experts", "8"),
+         "conflict with the partition file", OUT),
     Case("build-recipe-unknown-key", lambda c: BUILD(c, "--recipe", _recipe(c, "build:\n  top_kk: 2\n")), "did you mean top_k?", OUT),
     Case("build-recipe-missing", lambda c: BUILD(c, "--recipe", str(c["tmp"] / "none.yaml")), "does not exist", OUT),
     Case("build-recipe-not-yaml", lambda c: BUILD(c, "--recipe", _recipe(c, "build: [unclosed\n")), "not valid YAML", OUT),
@@ -150,6 +154,8 @@ CASES = [
          "is the input of build", lambda c: c["tmp"] / "q.safetensors"),
     Case("split-read-only", lambda c: ["split", L(c), "--method", "random-split", "--num-experts", "4", "--out", str(c["mnt"] / "p.st")],
          "Read-only file system", lambda c: c["mnt"] / "p.st", "ro"),
+    Case("split-disk-full", lambda c: ["split", L(c), "--method", "upcycle", "--num-experts", "96", "--out", str(c["mnt"] / "p.st")],
+         "No space left on device", lambda c: c["mnt"] / "p.st", "full"),  # 2 layers x 96 x 96 int32 = 72 KiB > 64 KiB
     Case("split-calibration-seq-len", lambda c: ["split", L(c), "--method", "co-activation", "--calibration", "embedded",
                                                  "--calibration-seq-len", "1", "--out", str(c["tmp"] / "q.st")], "at least 2",
          lambda c: c["tmp"] / "q.st"),
@@ -181,6 +187,8 @@ CASES = [
     Case("quickstart-negative-train-tokens", lambda c: ["quickstart", L(c), "--train-tokens", "-5", "--work-dir", str(OUT(c))],
          "--train-tokens is -5; it must be at least 0", OUT),
     Case("quickstart-top-k-zero", lambda c: ["quickstart", L(c), "--top-k", "0", "--work-dir", str(OUT(c))], "--top-k is 0", OUT),
+    Case("quickstart-read-only", lambda c: ["quickstart", L(c), "--train-tokens", "0", "--eval-tokens", "64", "--block-size", "32",
+                                            "--work-dir", str(c["mnt"] / "qs")], "Read-only file system", lambda c: c["mnt"] / "qs", "ro"),
     Case("quickstart-missing-model", lambda c: ["quickstart", str(c["tmp"] / "nope"), "--work-dir", str(OUT(c))], "no model at", OUT),
     # data prepare
     Case("prepare-seq-len", lambda c: ["data", "prepare", L(c), "--seq-len", "1", "--out", str(OUT(c))], "--seq-len is 1", OUT),
