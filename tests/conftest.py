@@ -96,10 +96,10 @@ def train_config(model: Path, data: Path, out: Path, **overrides):
 
 def error_lines(stderr: str) -> list[str]:
     """What a command printed to stderr besides progress: tqdm bars (which end with `/s]` or redraw
-    with a carriage return) and `moeify: converting ...` notes are not error output."""
+    with a carriage return), `[verb] ...` progress notes and `moeify: converting ...` are not error output."""
     kept = []
     for line in stderr.splitlines():
         line = line.split("\r")[-1]
-        if line.strip() and "/s]" not in line and not line.startswith("moeify: converting"):
+        if line.strip() and "/s]" not in line and not line.startswith(("moeify: converting", "[")):
             kept.append(line)
     return kept

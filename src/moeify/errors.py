@@ -8,7 +8,7 @@ class MoeifyError(ValueError):
 _FIXES = {
     errno.ENOSPC: "free some space or write elsewhere",
     errno.EDQUOT: "free some space or write elsewhere",
-    errno.EROFS: "the file system is read-only; write elsewhere",
+    errno.EROFS: "write elsewhere",
     errno.EACCES: "check the permissions or write elsewhere",
     errno.EPERM: "check the permissions or write elsewhere",
 }
