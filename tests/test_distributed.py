@@ -69,9 +69,10 @@ def test_fsdp2_bf16_mixed_precision_matches_one_rank(tiny_moe, tiny_data, tmp_pa
     # operands to bf16, but in other places (FSDP also holds norms, residual stream and attention in
     # bf16; autocast keeps them fp32), so they differ by bf16 rounding: a relative 2^-8 per value,
     # averaging to ~1e-3 of the loss here. 1e-2 absolute on a loss near 5.8 bounds that with room.
-    single = train(train_config(tiny_moe, tiny_data, tmp_path / "one", max_tokens=8 * 32 * STEPS, export=False, dtype="bf16"),
-                   progress=False)
-    records = _torchrun(tiny_moe, tiny_data, tmp_path / "two", "fsdp", "--no-export", "--dtype", "bf16")
+    # A small --loss-chunk also runs the chunked cross-entropy (recomputed in the backward) under FSDP2.
+    single = train(train_config(tiny_moe, tiny_data, tmp_path / "one", max_tokens=8 * 32 * STEPS, export=False, dtype="bf16",
+                                loss_chunk=16), progress=False)
+    records = _torchrun(tiny_moe, tiny_data, tmp_path / "two", "fsdp", "--no-export", "--dtype", "bf16", "--loss-chunk", "16")
     losses = [r["loss"] for r in records[1:]]
     assert len(losses) == STEPS
     for step, (a, b) in enumerate(zip(losses, single.losses), 1):

@@ -122,3 +122,35 @@ def test_selective_checkpointing_saves_matmuls_and_recomputes_elementwise_work()
     x, w = torch.randn(8, 8, requires_grad=True), torch.randn(8, 8, requires_grad=True)
     checkpoint(layer, x, w, use_reentrant=False, context_fn=_selective_context).backward()
     assert calls["silu"] == 2 and x.grad is not None
+
+
+def test_chunked_loss_equals_the_full_cross_entropy_in_value_and_gradient():
+    from moeify.modeling.chunked_loss import ChunkedLMHead
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 50, bias=False)
+    head = ChunkedLMHead(linear, chunk=7)  # 3 x 10 = 30 positions: chunks of 7, the last one of 2
+    hidden = torch.randn(3, 10, 16, requires_grad=True)
+    targets = torch.randint(50, (3, 10))
+    full = torch.nn.functional.cross_entropy(linear(hidden).transpose(1, 2), targets, reduction="none")
+    full.sum().backward()
+    expected = (hidden.grad.clone(), linear.weight.grad.clone())
+    hidden.grad, linear.weight.grad = None, None
+    head.targets = targets
+    chunked = head(hidden)
+    chunked.sum().backward()
+    torch.testing.assert_close(chunked, full)
+    torch.testing.assert_close((hidden.grad, linear.weight.grad), expected)
+    head.targets = None
+    torch.testing.assert_close(head(hidden), linear(hidden))  # evaluation: ordinary logits
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-tied"])
+def test_training_with_a_chunked_loss_gives_the_same_losses(family, tiny_models, tiny_data, tmp_path):
+    from moeify.build import build, build_config
+
+    moe = build(build_config(model=str(tiny_models[family]), out=tmp_path / "moe", method="random-split", num_experts=4, top_k=2,
+                             router_std=0.1), progress=False)
+    losses = {chunk: train(train_config(moe, tiny_data, tmp_path / f"run{chunk}", loss_chunk=chunk, max_tokens=8 * 32 * 3),
+                           progress=False).losses for chunk in (0, 13)}
+    torch.testing.assert_close(losses[13], losses[0], rtol=1e-5, atol=1e-5)

@@ -18,7 +18,7 @@ class TrainConfig:
         "beta2": fraction(True, False), "grad_clip": at_least(0), "dynamic_eta": positive(), "eval_every": at_least(0),
         "eval_blocks": at_least(1), "balance_coef": at_least(0), "z_loss_coef": at_least(0), "bias_update_rate": at_least(0),
         "capacity_factor": positive(), "checkpoint_every": at_least(0), "keep_checkpoints": at_least(1), "peak_tflops": positive(),
-        "log_every": at_least(1),
+        "log_every": at_least(1), "loss_chunk": at_least(0),
     }
     model: str = "smollm2-135m"
     """Model to train: an MoE or dense Hugging Face directory, a .gguf file or an embedded name."""
@@ -73,6 +73,9 @@ class TrainConfig:
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     """Recompute activations in the backward: full (each decoder layer keeps only its input) | selective
     (keeps matmul and attention outputs, recomputes norms and activations) | none."""
+    loss_chunk: int = 4096
+    """Positions per chunk of the output projection and cross-entropy in training, each chunk's logits
+    recomputed in the backward instead of kept (0: the whole micro-batch's logits at once)."""
     reshard_after_forward: bool = True
     """FSDP2: free each layer's gathered parameters after its forward (less memory) or keep them for the
     backward (one all-gather fewer per layer)."""

@@ -3,12 +3,20 @@
 import torch
 
 from moeify.data.packed import PackedDataset
+from moeify.modeling.chunked_loss import chunked_head
 from moeify.evaluate.scoring import next_token_nll, score_blocks
 
 
 def sequence_losses(model: torch.nn.Module, ids_BS: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of each sequence, [B]."""
-    return next_token_nll(model, ids_BS).mean(dim=1)
+    """Mean next-token cross-entropy of each sequence, [B] (chunked when the model has a ChunkedLMHead)."""
+    head = chunked_head(model)
+    if head is None:
+        return next_token_nll(model, ids_BS).mean(dim=1)
+    head.targets = ids_BS[:, 1:]
+    try:
+        return model(input_ids=ids_BS[:, :-1]).logits.mean(dim=1)  # the head returned the NLL per position
+    finally:
+        head.targets = None
 
 
 def heldout_losses(model: torch.nn.Module, data: PackedDataset, blocks_per_domain: int, batch: int,

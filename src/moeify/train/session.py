@@ -19,6 +19,7 @@ from moeify.data.prepare import PrepareConfig, prepare, tokenizer_fingerprint
 from moeify.data.sampler import DomainSampler, DynamicWeights, static_weights
 from moeify.errors import MoeifyError
 from moeify.modeling.hf import MoEFeedForward
+from moeify.modeling.chunked_loss import install_chunked_loss
 from moeify.modeling.load import load_moe_model
 from moeify.train.checkpoint import complete_checkpoints, load_checkpoint
 from moeify.schema import is_given
@@ -82,6 +83,7 @@ def open_session(config: TrainConfig, construction: ConstructionConfig | None = 
         for moe in blocks:
             moe.block.balance_loss = config.balance_loss
         enable_activation_checkpointing(model, config.activation_checkpointing)
+        install_chunked_loss(model, config.loss_chunk)
         flops["per_token"] = flops_per_token(model, data.seq_len)
         if config.compile:
             compile_layers(model)
