@@ -35,7 +35,7 @@ def target(tmp_path: Path, kind: str, monkeypatch):
     _MOUNTED[kind] = "tmpfs mount" if mounted else "simulated OSError at open/mkdir"
     if not mounted:
         code = errno.EROFS if kind == "ro" else errno.ENOSPC
-        real_open, real_io_open, real_mkdir = builtins.open, io.open, os.mkdir
+        real_open, real_mkdir = builtins.open, os.mkdir
 
         def refuse(path) -> None:
             if str(os.fspath(path)).startswith(str(root)):

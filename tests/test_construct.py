@@ -4,18 +4,17 @@ import json
 
 import pytest
 import torch
+from conftest import logits_of
 from safetensors.torch import load_file
 
-from conftest import logits_of
 from moeify.build import build, build_config
 from moeify.checkpoint.dense import DenseCheckpoint
 from moeify.cli import main
-from moeify.construct import ConstructionPlan, Partition
-from moeify.schema import from_flat
-from moeify.construct import ConstructionConfig
+from moeify.construct import ConstructionConfig, ConstructionPlan, Partition
 from moeify.construct.kmeans import balanced_kmeans
 from moeify.errors import MoeifyError
 from moeify.modeling.load import load_moe_model
+from moeify.schema import from_flat
 
 CALIBRATION = dict(calibration="embedded", calibration_tokens=2048, calibration_seq_len=64)
 INDEPENDENT = ["random-split", "clustering", "co-activation", "gradient-greedy"]

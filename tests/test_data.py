@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 
+from moeify.data.embedded import pydoc_topics
 from moeify.data.packed import PackedDataset
 from moeify.data.prepare import PrepareConfig, prepare
 from moeify.data.sampler import DomainSampler, static_weights
 from moeify.data.sources import Source, read_documents
 from moeify.errors import MoeifyError
-from moeify.data.embedded import pydoc_topics
 
 TEXTS = pydoc_topics(heldout=False)[:30]
 

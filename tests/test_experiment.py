@@ -51,12 +51,11 @@ def test_unknown_experiment_is_a_one_line_error(capsys):
 
 def test_experiments_ship_inside_the_wheel(tmp_path):
     """`moeify experiment NAME` must work from an installed package, not only from a source checkout."""
+    import shutil
     import subprocess
     import sys
     import zipfile
     from pathlib import Path
-
-    import shutil
 
     root, source = Path(__file__).parents[1], tmp_path / "source"  # built from a copy: no build/ left in the checkout
     shutil.copytree(root / "src", source / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))

@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, MixtralConfig, Mixtra
 from moeify.build import build, build_config
 from moeify.checkpoint.formats import FORMATS, register_format
 from moeify.checkpoint.formats.mixtral import Mixtral
-from moeify.construct import ConstructionConfig, ConstructionMethod, METHODS, register_method
+from moeify.construct import METHODS, ConstructionConfig, ConstructionMethod, register_method
 from moeify.modeling.hf import stock_state_dict
 from moeify.modeling.load import load_moe_model
 from tests.conftest import logits_of

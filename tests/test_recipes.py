@@ -4,7 +4,6 @@ import math
 from pathlib import Path
 
 import pytest
-
 from transformers import AutoConfig
 
 from moeify.cli import main

@@ -8,7 +8,6 @@ import pytest
 from moeify.cli import main
 from moeify.quickstart import QuickstartConfig, format_rows, quickstart
 
-
 pytestmark = pytest.mark.slow
 
 

@@ -13,8 +13,7 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any
 
-from moeify.errors import MoeifyError
-from moeify.errors import describe_os_error
+from moeify.errors import MoeifyError, describe_os_error
 from moeify.schema import COMMAND_LINE, base_type, check_values, from_flat, leaves
 
 

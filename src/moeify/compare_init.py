@@ -8,23 +8,22 @@ import json
 import shutil
 import sys
 from dataclasses import dataclass, field, replace
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 from moeify.build import BuildConfig, build
-from moeify.checkpoint.manifest import Manifest
-from moeify.construct import ConstructionConfig
 from moeify.checkpoint.atomic import atomic_directory
+from moeify.checkpoint.manifest import Manifest
 from moeify.checkpoint.resolve import resolve_model
-from moeify.construct import get_method
+from moeify.construct import ConstructionConfig, get_method
 from moeify.data.embedded import pydoc_topics
 from moeify.data.text import load_tokenizer, tokenize_joined
 from moeify.errors import MoeifyError
 from moeify.evaluate.params import parameter_counts
-from moeify.evaluate.scoring import blocks_of, score_blocks
 from moeify.evaluate.plots import bar_chart
-from moeify.schema import at_least
+from moeify.evaluate.scoring import blocks_of, score_blocks
 from moeify.modeling.load import load_moe_model
+from moeify.schema import at_least
 
 DEFAULT_METHODS = ("upcycle", "random-split", "clustering", "co-activation", "sharing-inner", "sharing-inter", "gradient-greedy")
 

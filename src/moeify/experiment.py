@@ -11,25 +11,25 @@ import shutil
 import statistics
 import sys
 from dataclasses import dataclass, replace
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import yaml
 
 from moeify.build import BuildConfig, build
 from moeify.checkpoint.atomic import check_output_dir
-from moeify.construct import ConstructionConfig
 from moeify.checkpoint.resolve import resolve_model
+from moeify.construct import ConstructionConfig
 from moeify.data.packed import PackedDataset
 from moeify.data.prepare import PrepareConfig, prepare
 from moeify.errors import MoeifyError
 from moeify.evaluate.plots import bar_chart, line_plot
 from moeify.evaluate.run import EvalConfig, evaluate
 from moeify.modeling.load import load_moe_model
+from moeify.schema import at_least, from_flat, leaf_names, unknown_keys_error
 from moeify.train.config import TrainConfig
 from moeify.train.loop import train
-from moeify.schema import at_least, from_flat, leaf_names, unknown_keys_error
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"  # package data: works from an installed moeify
 TRAIN_KEYS = leaf_names(TrainConfig) - {"model", "data", "out"}

@@ -7,16 +7,16 @@ with the dense model on held-out text that ships with Python.
 import sys
 import time
 from dataclasses import dataclass, field, replace
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from moeify.build import BuildConfig, build
+from moeify.checkpoint.resolve import DEFAULT_MODEL, cache_dir, resolve_model
 from moeify.construct import ConstructionConfig
 from moeify.construct.config import RouterOptions
-from moeify.checkpoint.resolve import DEFAULT_MODEL, cache_dir, resolve_model
 from moeify.data.embedded import pydoc_topics
 from moeify.data.text import load_tokenizer, tokenize_joined
 from moeify.evaluate.generate import greedy, prompt_ids

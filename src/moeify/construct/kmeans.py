@@ -13,9 +13,8 @@ assignment cannot see) and further Lloyd iterations alternate; this finds marked
 objectives than restarting from other seeds (BENCHMARKS.md).
 """
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from moeify.checkpoint.dense import DenseCheckpoint
+from moeify.checkpoint.formats.base import MoEFeatures
 from moeify.checkpoint.manifest import Manifest
 from moeify.construct.config import ConstructionConfig, method_options, partition_conflicts, with_method_options
 from moeify.construct.methods import ConstructionMethod
@@ -18,9 +19,8 @@ from moeify.construct.partition import Partition, model_fingerprint
 from moeify.construct.registry import get_method
 from moeify.construct.seeding import ROUTER_STREAM, layer_generator
 from moeify.errors import MoeifyError
-from moeify.schema import validate
 from moeify.modeling.canonical import FFNWeights, LazyExperts, MoELayer
-from moeify.checkpoint.formats.base import MoEFeatures
+from moeify.schema import validate
 
 
 @dataclass

@@ -11,8 +11,8 @@ from tqdm import tqdm
 
 from moeify.checkpoint.dense import DenseCheckpoint
 from moeify.construct import calibration as calib
-from moeify.construct.kmeans import balanced_kmeans
 from moeify.construct.config import ConstructionConfig, method_options
+from moeify.construct.kmeans import balanced_kmeans
 from moeify.construct.methods import ConstructionMethod, check_equal_split
 from moeify.construct.partition import Partition, model_fingerprint
 from moeify.errors import MoeifyError

@@ -11,7 +11,6 @@ import ast
 import sysconfig
 import warnings
 from pathlib import Path
-
 from pydoc_data.topics import topics
 
 from moeify.data.text import split_heldout

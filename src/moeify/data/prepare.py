@@ -4,8 +4,8 @@ import hashlib
 import json
 import sys
 from dataclasses import dataclass, field
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from tqdm import tqdm

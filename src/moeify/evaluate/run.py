@@ -6,8 +6,8 @@ import json
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 from moeify.checkpoint.atomic import atomic_directory
 from moeify.evaluate.models import check_model, load_for_eval

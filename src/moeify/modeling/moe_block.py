@@ -17,7 +17,6 @@ from moeify.modeling.losses import (
 )
 from moeify.modeling.router import RouterSpec, TopKRouter
 
-
 BalanceLoss = Literal["switch", "cv2", "none"]
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch import nn
 
 from moeify.errors import MoeifyError
 from moeify.train.distributed import DistEnv, barrier

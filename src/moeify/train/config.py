@@ -1,8 +1,8 @@
 """Training configuration: one dataclass, loaded from a YAML recipe and overridden by CLI flags."""
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import yaml
 

@@ -3,8 +3,8 @@
 import torch
 
 from moeify.data.packed import PackedDataset
-from moeify.modeling.chunked_loss import chunked_head
 from moeify.evaluate.scoring import next_token_nll, score_blocks
+from moeify.modeling.chunked_loss import chunked_head
 
 
 def sequence_losses(model: torch.nn.Module, ids_BS: torch.Tensor) -> torch.Tensor:

@@ -17,9 +17,9 @@ from moeify.train.config import TrainConfig
 from moeify.train.distributed import gather_to_list
 from moeify.train.export import export_stock
 from moeify.train.heldout import heldout_losses
-from moeify.train.step import MicroBatch, train_step
 from moeify.train.metrics import peak_rss_mb
 from moeify.train.session import Session, open_session
+from moeify.train.step import MicroBatch, train_step
 
 
 @dataclass

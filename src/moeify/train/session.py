@@ -18,14 +18,22 @@ from moeify.data.packed import PackedDataset
 from moeify.data.prepare import PrepareConfig, prepare, tokenizer_fingerprint
 from moeify.data.sampler import DomainSampler, DynamicWeights, static_weights
 from moeify.errors import MoeifyError
-from moeify.modeling.hf import MoEFeedForward
 from moeify.modeling.chunked_loss import install_chunked_loss
+from moeify.modeling.hf import MoEFeedForward
 from moeify.modeling.load import load_moe_model
-from moeify.train.checkpoint import complete_checkpoints, load_checkpoint
 from moeify.schema import is_given
+from moeify.train.checkpoint import complete_checkpoints, load_checkpoint
 from moeify.train.config import TrainConfig
-from moeify.train.distributed import (DistEnv, barrier, compile_layers, compute_dtype, enable_activation_checkpointing, gather_to_list,
-                                     init_distributed, wrap_model)
+from moeify.train.distributed import (
+    DistEnv,
+    barrier,
+    compile_layers,
+    compute_dtype,
+    enable_activation_checkpointing,
+    gather_to_list,
+    init_distributed,
+    wrap_model,
+)
 from moeify.train.heldout import heldout_losses
 from moeify.train.metrics import MetricsLogger, flops_per_token, peak_flops, peak_rss_mb
 from moeify.train.online import build_online

@@ -10,11 +10,12 @@ from moeify.checkpoint.manifest import Manifest
 from moeify.checkpoint.resolve import resolve_model
 from moeify.data.packed import PackedDataset
 from moeify.errors import MoeifyError
-from moeify.schema import is_given, validate
 from moeify.modeling.hf import MoEFeedForward
+from moeify.schema import is_given, validate
 from moeify.train.config import TrainConfig
 from moeify.train.distributed import DistEnv
 from moeify.train.heldout import heldout_losses
+
 
 def check_config(config: TrainConfig, env: DistEnv) -> None:
     validate(config, "the training settings")
