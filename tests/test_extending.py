@@ -45,7 +45,7 @@ class FusedToyMixtral(Mixtral):
     architecture = "ToyMixtralForCausalLM"
     config_class = ToyMixtralConfig
     disk_prefix = "model.layers.{layer}.mlp"
-    fused_experts = True
+    layout = "fused"
 
 
 def _register() -> None:

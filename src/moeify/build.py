@@ -6,7 +6,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from tqdm import tqdm
@@ -15,7 +15,7 @@ from moeify.checkpoint.atomic import check_output_dir
 from moeify.checkpoint.dense import DenseCheckpoint, is_ffn_tensor
 from moeify.checkpoint.formats import OutputFormat, choose_format
 from moeify.checkpoint.resolve import resolve_model
-from moeify.checkpoint.writer import write_checkpoint
+from moeify.checkpoint.writer import DTYPES, cast_floating, write_checkpoint
 from moeify.construct import ConstructionConfig, ConstructionPlan
 from moeify.errors import MoeifyError
 from moeify.schema import from_flat, positive
@@ -31,6 +31,11 @@ class BuildConfig:
     out: Path
     """Output directory (created atomically)."""
     construction: ConstructionConfig = field(default_factory=ConstructionConfig)
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Output dtype of the weights; auto: the dense checkpoint's (the selection bias stays fp32)."""
+    layout: Literal["auto", "per-expert", "fused"] = "auto"
+    """per-expert keys (what llama.cpp and vLLM read) | fused (transformers 5's own names, [E, 2S, D]: it loads them
+    without converting); auto: the format's default (per-expert)."""
     max_shard_mb: float = 1024
     """safetensors shard size (MiB)."""
     force: bool = False
@@ -52,8 +57,13 @@ def build(config: BuildConfig, progress: bool = True) -> Path:
     plan = ConstructionPlan.make(dense, config.construction, config.model, progress)
     fmt, format_name = choose_format(dense.config, plan.features, plan.config.format)
     moe_config = fmt.make_config(dense.config, plan.num_experts, plan.top_k, plan.expert_size, plan.features)
-    manifest = plan.manifest(dense, config.model, fmt.architecture, format_name).replace(source_sha256=weights_digest(dense.files()))
-    tensors = moe_tensors(dense, plan, fmt, progress)
+    dtype = DTYPES.get(config.dtype)
+    if dtype is not None:
+        moe_config.dtype = dtype
+    layout = fmt.layout if config.layout == "auto" else config.layout
+    manifest = plan.manifest(dense, config.model, fmt.architecture, format_name).replace(source_sha256=weights_digest(dense.files()),
+                                                                                       layout=layout)
+    tensors = cast_floating(moe_tensors(dense, plan, fmt, layout, progress), dtype, fmt.keeps_fp32)
     try:
         return write_checkpoint(out, tensors, moe_config, dense.path, manifest, config.force, int(config.max_shard_mb * (1 << 20)))
     finally:
@@ -64,8 +74,8 @@ def run_build(config: BuildConfig) -> str:
     return f"wrote {build(config)}"
 
 
-def moe_tensors(dense: DenseCheckpoint, plan: ConstructionPlan, fmt: OutputFormat, progress: bool = True
-                ) -> Iterator[tuple[str, torch.Tensor]]:
+def moe_tensors(dense: DenseCheckpoint, plan: ConstructionPlan, fmt: OutputFormat, layout: str | None = None,
+                progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the MoE under the format's keys, in file order: embeddings, each layer (its
     attention and norms, then its MoE), the rest. One dense FFN is in memory at a time."""
     layer_names: dict[int, list[str]] = {}
@@ -84,7 +94,7 @@ def moe_tensors(dense: DenseCheckpoint, plan: ConstructionPlan, fmt: OutputForma
                 if not is_ffn_tensor(name):
                     yield name, dense.get(name)
             moe_layer = fmt.from_construction(plan.layer(dense, layer), plan.expert_size)
-            yield from fmt.disk_tensors(layer, moe_layer, plan.config.router.gate)
+            yield from fmt.disk_tensors(layer, moe_layer, plan.config.router.gate, layout)
     for name in sorted(n for n in other_names if not n.startswith("model.embed")):
         yield name, dense.get(name)
 

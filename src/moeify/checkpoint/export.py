@@ -3,13 +3,14 @@ verified by reloading it with stock transformers and comparing logits with moeif
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from moeify.checkpoint.formats import format_of_model_type
 from moeify.checkpoint.manifest import Manifest
-from moeify.checkpoint.writer import write_checkpoint
+from moeify.checkpoint.writer import DTYPES, cast_floating, write_checkpoint
 from moeify.errors import MoeifyError
 from moeify.modeling.hf import stock_state_dict
 from moeify.modeling.load import load_moe_model
@@ -25,17 +26,22 @@ class ExportConfig:
     """Output directory (created atomically)."""
     force: bool = False
     """Replace --out if it exists."""
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Output dtype of the weights; auto: as the model is stored (the selection bias stays fp32)."""
+    layout: Literal["auto", "per-expert", "fused"] = "auto"
+    """per-expert keys (llama.cpp, vLLM) | fused (transformers 5's own names); auto: the format's default."""
 
 
 def run_export(config: ExportConfig) -> str:
     from moeify.evaluate.models import check_model
 
-    out, diff = export_model(check_model(config.model), config.out, config.force)
+    out, diff = export_model(check_model(config.model), config.out, config.force, config.dtype, config.layout)
     return f"wrote {out} (stock reload: max |logit diff| {diff:.1e})"
 
 
-def export_model(source: Path, out: Path, force: bool = False) -> tuple[Path, float]:
-    """The exported directory and the max |logit difference| between it (stock) and moeify's model."""
+def export_model(source: Path, out: Path, force: bool = False, dtype: str = "auto", layout: str = "auto") -> tuple[Path, float]:
+    """The exported directory and the max |logit difference| between it (stock) and moeify's model
+    (with its weights rounded to the output dtype, so the check stays exact for bf16 and fp16)."""
     manifest = Manifest.read(source)
     if manifest is not None and manifest.gate != "linear":
         raise MoeifyError(
@@ -46,7 +52,13 @@ def export_model(source: Path, out: Path, force: bool = False) -> tuple[Path, fl
     if not blocks or manifest is None:
         raise MoeifyError(f"{source} is not an MoE that moeify made; there is nothing to export (build an MoE first)")
     fmt = format_of_model_type(model.config.model_type)
-    tensors = stock_state_dict(model.state_dict(), model.config)
+    layout = fmt.layout if layout == "auto" else layout
+    stored = next(model.parameters()).dtype if dtype == "auto" else DTYPES[dtype]
+    config = model.config
+    if dtype != "auto":
+        config.dtype = stored
+        model.to(stored).float()  # the reference: moeify's model with the weights the export holds
+    tensors = stock_state_dict(model.state_dict(), config, layout)
     difference: dict[str, float] = {}
 
     def check(directory: Path) -> None:
@@ -55,7 +67,8 @@ def export_model(source: Path, out: Path, force: bool = False) -> tuple[Path, fl
             raise MoeifyError(f"the exported {fmt.architecture} differs from moeify's model "
                               f"(max |logit diff| {difference['max']:.2e}); nothing written")
 
-    write_checkpoint(out, sorted(tensors.items()), model.config, source, manifest.replace(format=fmt.name, exported_from=str(source)),
+    items = cast_floating(sorted(tensors.items()), DTYPES.get(dtype), fmt.keeps_fp32)
+    write_checkpoint(out, items, config, source, manifest.replace(format=fmt.name, exported_from=str(source), layout=layout),
                      force, check=check)
     return out, difference["max"]
 

@@ -40,6 +40,8 @@ class Manifest:
     built_online: bool = False
     exported_from: str | None = None
     training: dict | None = None
+    layout: str = "per-expert"
+    """On-disk layout of the MoE tensors: per-expert keys or transformers 5's fused names."""
     moeify_version: str = field(default_factory=lambda: moeify.__version__)
     torch_version: str = field(default_factory=lambda: torch.__version__.split("+")[0])
 

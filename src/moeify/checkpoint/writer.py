@@ -5,7 +5,7 @@ import json
 import re
 import shutil
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -84,6 +84,18 @@ class ShardedWriter:
             index_doc = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             (self.directory / "model.safetensors.index.json").write_text(json.dumps(index_doc, indent=2) + "\n")
         return final
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def cast_floating(tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None,
+                  keep: Callable[[str], bool] = lambda name: False) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors with floating ones in `dtype` (None: unchanged), except those `keep(name)` holds as they are."""
+    for name, tensor in tensors:
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype and not keep(name):
+            tensor = tensor.to(dtype)
+        yield name, tensor
 
 
 # Files of a model directory that describe the tokenizer or generation and travel unchanged.

@@ -103,7 +103,7 @@ def moe_layers(model: nn.Module) -> dict[int, MoEFeedForward]:
     return {index: layer.mlp for index, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoEFeedForward)}
 
 
-def stock_state_dict(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+def stock_state_dict(state: dict[str, torch.Tensor], config, layout: str | None = None) -> dict[str, torch.Tensor]:
     """A state dict of a model with MoEFeedForward blocks (full, unsharded) under the format's on-disk
     keys. An MLP-gated router goes to moeify's own gate keys."""
     fmt = format_of_model_type(config.model_type)
@@ -120,5 +120,5 @@ def stock_state_dict(state: dict[str, torch.Tensor], config) -> dict[str, torch.
             per_layer.setdefault(prefixes[prefix], {})[name.removeprefix(prefix)] = tensor
     for index, canonical in sorted(per_layer.items()):
         gate = "mlp" if C.ROUTER_MLP_OUT in canonical else "linear"
-        out.update(fmt.disk_tensors(index, MoELayer.from_module_state(canonical), gate))
+        out.update(fmt.disk_tensors(index, MoELayer.from_module_state(canonical), gate, layout))
     return out

@@ -35,16 +35,16 @@ def load_moe_model(path: Path, device: torch.device | str = "cpu", dispatch: str
         hf_logging.set_verbosity(verbosity)
     blocks = attach_moe_blocks(model, dispatch, noisy, capacity_factor, gate=gate)
     if gate == "mlp":
-        _load_mlp_gates(path, model)
+        _load_mlp_gates(path, model, manifest.layout)
     return model.to(device), blocks
 
 
 @torch.no_grad()
-def _load_mlp_gates(path: Path, model: torch.nn.Module) -> None:
+def _load_mlp_gates(path: Path, model: torch.nn.Module, layout: str) -> None:
     fmt = format_of_model_type(model.config.model_type)
     wanted = {}
     for index, moe in moe_layers(model).items():
-        key_in, key_out = fmt.gate_disk_keys(index)
+        key_in, key_out = fmt.gate_disk_keys(index, layout)
         wanted[key_in], wanted[key_out] = moe.block.router.weight, moe.block.router.mlp_out
     for file in _weight_files(path):
         with safe_open(str(file), framework="pt") as f:

@@ -81,9 +81,9 @@ class OutputFormat:
     disk_names: ClassVar[dict[str, str]] = {C.ROUTER: "gate.weight"}
     expert_disk_names: ClassVar[tuple[str, str, str]] = ("experts.{expert}.gate_proj.weight", "experts.{expert}.up_proj.weight",
                                                          "experts.{expert}.down_proj.weight")
-    # True: the experts are written as the stock model holds them in memory, fused [E, 2S, D] / [E, D, S]
-    # under module_names (transformers 5 loads them without converting); False: one key per expert.
-    fused_experts: ClassVar[bool] = False
+    # The default on-disk layout: "per-expert" (one key per expert: what most engines read) or "fused"
+    # (the stock model's in-memory names, experts as [E, 2S, D] / [E, D, S]: transformers 5 loads it unconverted).
+    layout: ClassVar[str] = "per-expert"
     # Canonical name -> name in the loaded stock model under model.layers.L.mlp (transformers 5 fuses experts).
     module_names: ClassVar[dict[str, str]] = {C.ROUTER: "gate.weight", C.GATE_UP: "experts.gate_up_proj", C.DOWN: "experts.down_proj"}
 
@@ -121,38 +121,51 @@ class OutputFormat:
         """Add what the format always stores but the layer may lack (an empty shared expert, a zero bias)."""
         return layer
 
-    def disk_tensors(self, index: int, layer: MoELayer, gate: str = "linear") -> Iterator[tuple[str, torch.Tensor]]:
+    def _names(self, index: int, layout: str) -> tuple[str, dict[str, str]]:
+        """The key prefix of one layer and canonical name -> key suffix, in a layout."""
+        if layout == "fused":
+            return f"model.layers.{index}.mlp", self.module_names
+        return self.disk_prefix.format(layer=index), self.disk_names
+
+    def disk_tensors(self, index: int, layer: MoELayer, gate: str = "linear", layout: str | None = None
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
         """(on-disk key, tensor) of one layer: router (or moeify's MLP gate keys), experts, the rest."""
+        layout = layout or self.layout
         layer = self.complete(layer)
-        prefix = self.disk_prefix.format(layer=index)
-        router_key = f"{prefix}.{self.disk_names[C.ROUTER]}"
+        prefix, names = self._names(index, layout)
         if gate == "linear":
-            yield router_key, layer.router
+            yield f"{prefix}.{names[C.ROUTER]}", layer.router
         else:  # moeify's own keys, unknown to stock transformers: a stock load reports the router missing
-            yield router_key.removesuffix(".weight") + ".mlp_in.weight", layer.router
-            yield router_key.removesuffix(".weight") + ".mlp_out.weight", layer.router_mlp_out
-        if self.fused_experts:
+            key_in, key_out = self.gate_disk_keys(index, layout)
+            yield key_in, layer.router
+            yield key_out, layer.router_mlp_out
+        if layout == "fused":
             for name in (C.GATE_UP, C.DOWN):
-                yield f"{prefix}.{self.module_names[name]}", layer.module_tensor(name)
+                yield f"{prefix}.{names[name]}", layer.module_tensor(name)
         else:
             for expert, weights in enumerate(layer.experts):
                 for name, tensor in zip(self.expert_disk_names, (weights.gate, weights.up, weights.down)):
                     yield f"{prefix}.{name.format(expert=expert)}", tensor.contiguous()
         if layer.selection_bias is not None:
-            if C.SELECTION_BIAS in self.disk_names:
-                yield f"{prefix}.{self.disk_names[C.SELECTION_BIAS]}", layer.selection_bias.float()  # stock keeps it in fp32
+            if C.SELECTION_BIAS in names:
+                yield f"{prefix}.{names[C.SELECTION_BIAS]}", layer.selection_bias.float()  # stock keeps it in fp32
             elif layer.selection_bias.abs().max() > 0:
                 raise MoeifyError(f"{self.architecture} cannot hold the aux-loss-free selection bias; build with --routing "
                                   "sigmoid-topk (DeepSeek-V3 format) or train without --bias-update-rate")
         if layer.shared is not None:
             for name, tensor in zip(C.SHARED, (layer.shared.gate, layer.shared.up, layer.shared.down)):
-                yield f"{prefix}.{self.disk_names[name]}", tensor
+                yield f"{prefix}.{names[name]}", tensor
         if layer.shared_gate is not None:
-            yield f"{prefix}.{self.disk_names[C.SHARED_GATE]}", layer.shared_gate
+            yield f"{prefix}.{names[C.SHARED_GATE]}", layer.shared_gate
 
-    def gate_disk_keys(self, index: int) -> tuple[str, str]:
+    def keeps_fp32(self, key: str) -> bool:
+        """Tensors the stock model holds in fp32 whatever the output dtype (the selection bias)."""
+        return C.SELECTION_BIAS in self.disk_names and key.endswith(self.disk_names[C.SELECTION_BIAS])
+
+    def gate_disk_keys(self, index: int, layout: str | None = None) -> tuple[str, str]:
         """moeify's MLP gate keys (in, out) of one layer."""
-        router = f"{self.disk_prefix.format(layer=index)}.{self.disk_names[C.ROUTER]}".removesuffix(".weight")
+        prefix, names = self._names(index, layout or self.layout)
+        router = f"{prefix}.{names[C.ROUTER]}".removesuffix(".weight")
         return f"{router}.mlp_in.weight", f"{router}.mlp_out.weight"
 
     def read_module(self, stock_mlp: torch.nn.Module) -> MoELayer:
