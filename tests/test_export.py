@@ -69,6 +69,13 @@ def test_export_to_bf16_fused_passes_its_own_stock_reload_check(tiny_moe, tmp_pa
     assert json.loads((out / "moeify.json").read_text())["layout"] == "fused"
 
 
+def test_qwen2_moe_carries_the_dense_ffn_size(tiny_models, tmp_path):
+    out = build(build_config(model=str(tiny_models["llama"]), out=tmp_path / "m", method="random-split", num_experts=4,
+                             shared_size=16), progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["intermediate_size"], config["moe_intermediate_size"], config["shared_expert_intermediate_size"]) == (96, 20, 16)
+
+
 def test_qwen3_with_a_head_dim_other_than_hidden_over_heads(tmp_path):
     # Real Qwen3 models have head_dim != hidden_size / heads; the config must carry it.
     dense = save_tiny(Qwen3Config(**COMMON, head_dim=32), tmp_path / "qwen3-wide-heads")

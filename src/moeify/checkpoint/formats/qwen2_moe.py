@@ -38,8 +38,10 @@ class Qwen2Moe(OutputFormat):
         return qwen_attention_reason("Qwen2-MoE", dense) or super().supports(dense, features)
 
     def moe_fields(self, dense: PretrainedConfig, num_experts: int, top_k: int, expert_size: int, features: MoEFeatures) -> dict:
-        # Qwen2 always has q/k/v biases, Llama and Mistral never.
+        # Qwen2 always has q/k/v biases, Llama and Mistral never. intermediate_size (the dense MLP of
+        # mlp_only_layers, none here) is the dense F rather than the class default, as engines check it.
         return {**qwen_moe_fields(num_experts, top_k, expert_size, features), "qkv_bias": dense.model_type == "qwen2",
+                "intermediate_size": dense.intermediate_size,
                 "shared_expert_intermediate_size": features.shared_size, "head_dim": head_dim(dense)}
 
     def router_spec(self, config: PretrainedConfig) -> RouterSpec:
