@@ -154,3 +154,20 @@ def test_training_with_a_chunked_loss_gives_the_same_losses(family, tiny_models,
     losses = {chunk: train(train_config(moe, tiny_data, tmp_path / f"run{chunk}", loss_chunk=chunk, max_tokens=8 * 32 * 3),
                            progress=False).losses for chunk in (0, 13)}
     torch.testing.assert_close(losses[13], losses[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_whole_stock_model_with_moeify_blocks_traces_without_graph_breaks():
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from moeify.modeling.hf import attach_moe_blocks
+
+    config = MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    attach_moe_blocks(model, capacity_factor=1.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model = model.bfloat16().train()
+    explanation = torch._dynamo.explain(model)(torch.randint(256, (2, 16)))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
