@@ -8,9 +8,9 @@ names. Types (int, float, bool, str, Path, Optional, Literal) are checked here, 
 import ast
 import dataclasses
 import difflib
+import functools
 import inspect
 import typing
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,6 +64,7 @@ def _is_group(kind: Any) -> bool:
     return isinstance(kind, type) and dataclasses.is_dataclass(kind)
 
 
+@functools.cache
 def field_docs(schema: type) -> dict[str, str]:
     """The string literal under each field of a dataclass (and its bases), as written in the source."""
     docs: dict[str, str] = {}
@@ -79,21 +80,25 @@ def field_docs(schema: type) -> dict[str, str]:
     return docs
 
 
-def leaves(schema: type, prefix: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> Iterator[Leaf]:
+@functools.cache
+def leaves(schema: type, prefix: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> tuple[Leaf, ...]:
     """Every leaf field; a group field's metadata {"skip": names} hides those leaves of the group
-    (they keep their defaults), so two groups may share a name once."""
+    (they keep their defaults), so two groups may share a name once. Computed once per schema
+    (the docstrings come from parsing the source)."""
     hints = typing.get_type_hints(schema)
     docs = field_docs(schema)
+    found: list[Leaf] = []
     for f in dataclasses.fields(schema):
         kind = hints[f.name]
         if _is_group(kind):
-            yield from leaves(kind, (*prefix, f.name), tuple(f.metadata.get("skip", ())))
+            found.extend(leaves(kind, (*prefix, f.name), tuple(f.metadata.get("skip", ()))))
             continue
         if f.name in skip:
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
-        yield Leaf(f.name, (*prefix, f.name), kind, default, docs.get(f.name, ""), getattr(schema, "RANGES", {}).get(f.name))
+        found.append(Leaf(f.name, (*prefix, f.name), kind, default, docs.get(f.name, ""), getattr(schema, "RANGES", {}).get(f.name)))
+    return tuple(found)
 
 
 def leaf_names(schema: type) -> set[str]:
@@ -111,12 +116,8 @@ def unknown_keys_error(keys: set[str], known: set[str], where: str) -> MoeifyErr
 def from_flat(schema: type, values: dict[str, Any], where: str = "the settings", **fixed: Any):
     """Build `schema` from a flat mapping of leaf names (unknown keys refused, types checked);
     `fixed` gives required root fields that are not part of the flat namespace."""
-    by_name = {leaf.name: leaf for leaf in leaves(schema)}
-    unknown = set(values) - set(by_name)
-    if unknown:
-        raise unknown_keys_error(unknown, set(by_name), where)
-    checked = {name: coerce(by_name[name], value, where) for name, value in values.items()}
-    missing = [leaf.name for leaf in by_name.values() if leaf.default is dataclasses.MISSING and leaf.name not in checked
+    checked = check_values(schema, values, where)
+    missing = [leaf.name for leaf in leaves(schema) if leaf.default is dataclasses.MISSING and leaf.name not in checked
                and leaf.name not in fixed]
     if missing:
         raise MoeifyError(f"{where} lacks {', '.join(missing)}")
@@ -129,21 +130,17 @@ def is_given(config: Any, name: str, default: Any = dataclasses.MISSING) -> bool
     given = getattr(config, "_given", None)
     if given is not None:
         return name in given
-    return default is not dataclasses.MISSING and _leaf_value(config, name) != default
+    return default is not dataclasses.MISSING and to_flat(config).get(name) != default
 
 
-def _leaf_value(config: Any, name: str) -> Any:
-    return to_flat(config).get(name)
-
-
-def check_values(schema: type, values: dict[str, Any], where: str) -> None:
-    """Refuse unknown keys and wrong types or ranges among `values` (a part of the settings)."""
+def check_values(schema: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """`values` (all or part of the settings) in their leaves' types; unknown keys, wrong types or
+    ranges refused in one line."""
     by_name = {leaf.name: leaf for leaf in leaves(schema)}
     unknown = set(values) - set(by_name)
     if unknown:
         raise unknown_keys_error(unknown, set(by_name), where)
-    for name, value in values.items():
-        coerce(by_name[name], value, where)
+    return {name: coerce(by_name[name], value, where) for name, value in values.items()}
 
 
 def _construct(schema: type, values: dict[str, Any], prefix: tuple[str, ...], fixed: dict[str, Any], skip: tuple[str, ...] = ()):
