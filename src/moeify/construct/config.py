@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 
 from moeify.errors import MoeifyError
 from moeify.modeling.router import RouterSpec
-from moeify.schema import at_least, fraction, is_given, leaf_names, positive, replace_flat, to_flat
+from moeify.schema import at_least, fraction, is_given, positive, replace_flat, to_flat
 
 RouterInit = Literal["auto", "normal", "virtual-group", "centroids"]
 
@@ -103,16 +103,14 @@ class ConstructionConfig:
         return self.router.top_k
 
     def check_routing(self) -> None:
+        """What RANGES cannot say alone: k at most E (the ranges themselves are checked by schema.validate)."""
         check_routing(self.num_experts, self.router.top_k)
-        if self.router.router_std < 0:
-            raise MoeifyError(f"--router-std must be >= 0, got {self.router.router_std}")
-        if self.scale is not None and self.scale <= 0:
-            raise MoeifyError(f"--scale must be positive, got {self.scale}")
 
 
 # The leaves a partition file records and replaces: the method and its options (not the router).
 PARTITION_GROUPS = ("split", "upcycle", "clustering", "data")
 PARTITION_ROOT_KEYS = ("method", "num_experts", "seed")
+PARTITION_KEYS = frozenset(PARTITION_ROOT_KEYS).union(*(to_flat(getattr(ConstructionConfig(), group)) for group in PARTITION_GROUPS))
 
 
 def check_routing(num_experts: int, top_k: int) -> None:
@@ -134,7 +132,7 @@ def method_options(config: ConstructionConfig) -> dict:
 
 def with_method_options(config: ConstructionConfig, recorded: dict) -> ConstructionConfig:
     """`config` with the method and method options a partition file recorded (router options stay)."""
-    return replace_flat(config, **{k: v for k, v in recorded.items() if k in PARTITION_ROOT_KEYS or _in_groups(k)})
+    return replace_flat(config, **{k: v for k, v in recorded.items() if k in PARTITION_KEYS})
 
 
 def partition_conflicts(config: ConstructionConfig, recorded: dict) -> list[str]:
@@ -143,7 +141,3 @@ def partition_conflicts(config: ConstructionConfig, recorded: dict) -> list[str]
     values, defaults = method_options(config), method_options(ConstructionConfig())
     return [f"{key} {values[key]!r} (the file: {recorded[key]!r})" for key in recorded
             if key != "seed" and key in values and is_given(config, key, defaults.get(key)) and values[key] != recorded[key]]
-
-
-def _in_groups(key: str) -> bool:
-    return any(key in leaf_names(group) for group in (SplitOptions, UpcycleOptions, ClusteringOptions, CalibrationOptions))
