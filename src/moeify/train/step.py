@@ -26,11 +26,19 @@ def router_losses(blocks: list[MoEFeedForward], kind: str) -> tuple[torch.Tensor
     return (balance.sum() if kind == "cv2" else balance.mean()), z_loss
 
 
+def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _unflat(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in like]), like)]
+
+
 def reduce_stats(tensors: list[torch.Tensor], env: DistEnv) -> list[torch.Tensor]:
     """Sum each tensor over the ranks with one collective, on the tensors' own device."""
-    flat = torch.cat([t.reshape(-1) for t in tensors])
+    flat = _flat(tensors)
     all_reduce_sum(flat, env)
-    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+    return _unflat(flat, tensors)
 
 
 def train_step(model: torch.nn.Module, blocks: list[MoEFeedForward], optimizer: torch.optim.Optimizer,
@@ -59,15 +67,13 @@ def train_step(model: torch.nn.Module, blocks: list[MoEFeedForward], optimizer: 
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
                                                config.grad_clip if config.grad_clip > 0 else float("inf"))
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    host = torch.cat([domain_stats.reshape(-1), moe_stats, load.reshape(-1), grad_norm.reshape(1).double()]).cpu()  # the one transfer
-    domain_host = host[: domain_stats.numel()].view_as(domain_stats)
-    moe_host = host[domain_stats.numel() : domain_stats.numel() + 4]
-    load_host = host[domain_stats.numel() + 4 : -1].view_as(load)
+    on_device = [domain_stats, moe_stats, load, grad_norm.reshape(1).double()]
+    domain_host, moe_host, load_host, norm_host = _unflat(_flat(on_device).cpu(), on_device)  # the one transfer
     loss_value = (domain_host[:, 0].sum() / domain_host[:, 1].sum()).item()
     if math.isfinite(loss_value):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    record = {"loss": loss_value, "grad_norm": host[-1].item(), "_domain_stats": domain_host}
+    record = {"loss": loss_value, "grad_norm": norm_host.item(), "_domain_stats": domain_host}
     if blocks:
         micro_steps = accum * env.world_size
         assignments = load_host.sum(dim=1, keepdim=True)
