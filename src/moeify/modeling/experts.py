@@ -50,13 +50,12 @@ class Experts(nn.Module):
         With `capacity` (and rank_TK, each assignment's arrival order at its expert), an expert
         computes at most `capacity` assignments; the later ones are dropped (contribute zero)."""
         dtype = compute_dtype(x_TD)
-        gate_up, down = self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
+        x, gate_up, down = x_TD.to(dtype), self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
         dispatch = self.dispatch
         if dispatch == "auto":
-            dispatch = "grouped_mm" if grouped_mm_supported(x_TD.to(dtype), gate_up, down) else "loop"
+            dispatch = "grouped_mm" if grouped_mm_supported(x, gate_up, down) else "loop"
         self.last_dispatch = dispatch
         with torch.autocast(x_TD.device.type, enabled=False):
-            x = x_TD.to(dtype)
             if dispatch == "reference":
                 if capacity is not None:
                     weights_TK = weights_TK * (rank_TK < capacity)
