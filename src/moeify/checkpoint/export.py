@@ -53,11 +53,10 @@ def export_model(source: Path, out: Path, force: bool = False, dtype: str = "aut
         raise MoeifyError(f"{source} is not an MoE that moeify made; there is nothing to export (build an MoE first)")
     fmt = format_of_model_type(model.config.model_type)
     layout = fmt.layout if layout == "auto" else layout
-    stored = next(model.parameters()).dtype if dtype == "auto" else DTYPES[dtype]
     config = model.config
     if dtype != "auto":
-        config.dtype = stored
-        model.to(stored).float()  # the reference: moeify's model with the weights the export holds
+        config.dtype = DTYPES[dtype]
+        model.to(DTYPES[dtype]).float()  # the reference: moeify's model with the weights the export holds
     tensors = stock_state_dict(model.state_dict(), config, layout)
     difference: dict[str, float] = {}
 

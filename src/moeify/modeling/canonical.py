@@ -32,9 +32,6 @@ class FFNWeights:
     def size(self) -> int:
         return self.gate.shape[0]
 
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "FFNWeights":
-        return FFNWeights(fn(self.gate), fn(self.up), fn(self.down))
-
 
 class LazyExperts(Sequence):
     """Experts made on demand, one at a time: a rank computes only the experts it holds."""

@@ -62,9 +62,6 @@ class MoEFeedForward(nn.Module):
             if name in layer.module_names() or name == C.NOISE_WEIGHT:
                 tensor.copy_(layer.module_tensor(name))
 
-    def layer(self) -> MoELayer:
-        return MoELayer.from_module_state(dict(self.state_dict()))
-
 
 def attach_moe_blocks(
     model: nn.Module, dispatch: Dispatch = "auto", noisy: bool = False, capacity_factor: float | None = None,
