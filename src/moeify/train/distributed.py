@@ -46,7 +46,7 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+def training_dtype(name: str, device: torch.device) -> torch.dtype:
     """--dtype: bf16 | fp32 | auto (bf16 on GPU, fp32 on CPU)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32

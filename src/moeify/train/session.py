@@ -28,10 +28,10 @@ from moeify.train.distributed import (
     DistEnv,
     barrier,
     compile_layers,
-    compute_dtype,
     enable_activation_checkpointing,
     gather_to_list,
     init_distributed,
+    training_dtype,
     wrap_model,
 )
 from moeify.train.heldout import heldout_losses
@@ -84,7 +84,7 @@ def open_session(config: TrainConfig, construction: ConstructionConfig | None = 
     torch.manual_seed(config.seed + env.rank)
     flops: dict[str, float] = {}
 
-    dtype = compute_dtype(config.dtype, env.device)
+    dtype = training_dtype(config.dtype, env.device)
 
     def before_sharding(model, blocks):
         set_trainable(model, blocks, config.trainable)
