@@ -5,7 +5,7 @@ back (checkpoint/formats/), and moeify's MoE module holds them under the names b
 dict, relative to `model.layers.L.mlp.`), which online upcycling fills shard by shard.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -72,13 +72,16 @@ class MoELayer:
         names += [SHARED_GATE] if self.shared_gate is not None else []
         return names
 
+    def fused_experts(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(gate_up [2S, D], down [D, S]) of experts start:stop, each expert made once."""
+        for expert in self.experts[start:stop]:
+            yield torch.cat([expert.gate, expert.up]), expert.down
+
     def module_tensor(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows start:stop of the module tensor `name`; for the fused experts only those experts are made."""
         if name in (GATE_UP, DOWN):
-            experts = self.experts[start:stop]
-            if name == GATE_UP:
-                return torch.stack([torch.cat([e.gate, e.up]) for e in experts])
-            return torch.stack([e.down for e in experts])
+            which = 0 if name == GATE_UP else 1
+            return torch.stack([pair[which] for pair in self.fused_experts(start, stop)])
         if name == NOISE_WEIGHT:
             return torch.zeros_like(self.router)[start:stop]
         tensors = {ROUTER: self.router, ROUTER_MLP_OUT: self.router_mlp_out, SELECTION_BIAS: self.selection_bias,

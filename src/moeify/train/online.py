@@ -104,10 +104,13 @@ def _fill(model: nn.Module, dense: DenseCheckpoint, plan: ConstructionPlan, fmt:
             local.copy_(dense.rows(name, start, start + local.shape[0]))
     for index, moe in moe_modules.items():  # one dense FFN in memory at a time
         layer = fmt.from_construction(plan.layer(dense, index), plan.expert_size)
-        for name, tensor in [*moe.named_parameters(), *moe.named_buffers()]:
+        tensors = dict(moe.named_parameters()) | dict(moe.named_buffers())
+        (gate_up, start), (down, _) = _local_rows(tensors.pop(GATE_UP), env), _local_rows(tensors.pop(DOWN), env)  # both [E, ...]: same rows
+        # Expert by expert, each made once for both tensors: at most one made expert beside the dense FFN.
+        for row, (gate_up_row, down_row) in enumerate(layer.fused_experts(start, start + gate_up.shape[0])):
+            gate_up[row].copy_(gate_up_row)
+            down[row].copy_(down_row)
+        for name, tensor in tensors.items():
             local, start = _local_rows(tensor, env)
-            if name in (GATE_UP, DOWN):  # expert by expert: at most one made expert beside the dense FFN
-                for row in range(local.shape[0]):
-                    local[row].copy_(layer.module_tensor(name, start + row, start + row + 1)[0])
-            elif local.shape[0]:
+            if local.shape[0]:
                 local.copy_(layer.module_tensor(name, start, start + local.shape[0]))

@@ -140,8 +140,9 @@ class OutputFormat:
             yield key_in, layer.router
             yield key_out, layer.router_mlp_out
         if layout == "fused":
-            for name in (C.GATE_UP, C.DOWN):
-                yield f"{prefix}.{names[name]}", layer.module_tensor(name)
+            gate_up, down = zip(*layer.fused_experts())  # each expert made once for both tensors
+            yield f"{prefix}.{names[C.GATE_UP]}", torch.stack(gate_up)
+            yield f"{prefix}.{names[C.DOWN]}", torch.stack(down)
         else:
             for expert, weights in enumerate(layer.experts):
                 for name, tensor in zip(self.expert_disk_names, (weights.gate, weights.up, weights.down)):
