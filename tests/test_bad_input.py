@@ -103,6 +103,12 @@ BUILD = lambda ctx, *flags: ["build", L(ctx), "--out", str(OUT(ctx)), *flags]  #
 
 CASES = [
     # inspect
+    Case("plan-missing-model", lambda c: ["plan-memory", str(c["tmp"] / "nope")], "no model at"),
+    Case("plan-ep-not-dividing-ranks", lambda c: ["plan-memory", "llama-3-8b", "--gpus", "6", "--ep", "4"], "--ep 4 must divide the 6 ranks"),
+    Case("plan-ep-not-dividing-experts", lambda c: ["plan-memory", "llama-3-8b", "--gpus", "12", "--ep", "3"], "--ep 3 must divide the 8 experts"),
+    Case("plan-hsdp-not-dividing", lambda c: ["plan-memory", "llama-3-8b", "--gpus", "8", "--hsdp", "3"], "--hsdp 3 must divide the 8 ranks"),
+    Case("plan-zero-gpus", lambda c: ["plan-memory", "llama-3-8b", "--gpus", "0"], "--gpus is 0; it must be at least 1"),
+    Case("plan-ep-with-ddp", lambda c: ["plan-memory", "llama-3-8b", "--ep", "2", "--parallel", "ddp"], "use --parallel fsdp"),
     Case("inspect-missing", lambda c: ["inspect", str(c["tmp"] / "nope")], "no model at"),
     Case("inspect-zero-experts", lambda c: ["inspect", L(c), "--num-experts", "0"], "--num-experts is 0; it must be at least 1"),
     Case("inspect-k-above-E", lambda c: ["inspect", L(c), "--top-k", "9"], "larger than --num-experts 8"),
@@ -255,7 +261,7 @@ def test_the_table_covers_every_verb_with_at_least_sixty_cases():
     from moeify.cli import VERBS
 
     assert len(CASES) >= 60 and len({c.name for c in CASES}) == len(CASES)
-    verb_of_prefix = {"compare": "compare-init", "prepare": "data prepare"}
+    verb_of_prefix = {"compare": "compare-init", "prepare": "data prepare", "plan": "plan-memory"}
     covered = {verb_of_prefix.get(c.name.split("-")[0], c.name.split("-")[0]) for c in CASES}
     assert covered == {verb.name for verb in VERBS}
 

@@ -58,6 +58,8 @@ VERBS = [
          "moeify.evaluate.report:run_report", ("run",), {"evals": ("--eval",)}),
     Verb("generate", "greedy completion of a prompt", "moeify.evaluate.generate:GenerateConfig", "moeify.evaluate.generate:run_generate",
          ("model",), MODEL_ALIAS),
+    Verb("plan-memory", "per-GPU memory of a training job for a layout (GPUs, --ep, --hsdp)", "moeify.plan_memory:PlanMemoryConfig",
+         "moeify.plan_memory:run_plan_memory", ("model",), MODEL_ALIAS),
     Verb("train", "continual pre-training (run under torchrun for several ranks)", "moeify.train.command:TrainCommand",
          "moeify.train.command:run_train", ("model",), MODEL_ALIAS, recipe="train"),
 ]

@@ -89,12 +89,12 @@ class DenseCheckpoint:
         except (SafetensorError, OSError) as error:
             raise MoeifyError(f"cannot read tensor {name} from {self._file_of[name]}: {error}; re-download it") from None
 
-    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows start:stop of a tensor, read from disk without loading the rest."""
+    def block(self, name: str, box: tuple[slice, ...]) -> torch.Tensor:
+        """A box of a tensor (one slice per leading dimension), read from disk without loading the rest."""
         if name not in self._file_of:
             raise MoeifyError(f"{self.path} has no tensor {name!r}; the checkpoint is incomplete")
         try:
-            return self._open(self._file_of[name]).get_slice(name)[start:stop]
+            return self._open(self._file_of[name]).get_slice(name)[box]
         except (SafetensorError, OSError) as error:
             raise MoeifyError(f"cannot read tensor {name} from {self._file_of[name]}: {error}; re-download it") from None
 

@@ -18,8 +18,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from moeify.modeling.expert_loop import ExpertLoop
+from moeify.modeling.expert_parallel import Dispatched, ExpertParallel, expert_parallel_forward
 from moeify.modeling.grouped_mm import grouped_mm, grouped_mm_supported
 from moeify.modeling.losses import expert_counts
 
@@ -42,19 +44,47 @@ class Experts(nn.Module):
         self.last_dispatch: str | None = None  # the path the last forward took ("auto" resolved)
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * expert_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, expert_size))
+        self.parallel: ExpertParallel | None = None  # set by train/parallelize.py: this rank holds only its experts
 
-    def forward(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor, capacity: int | None = None,
-                rank_TK: torch.Tensor | None = None) -> torch.Tensor:
-        """Sum over the k chosen experts of weight * expert(x), for each token.
+    def local_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's experts' (gate_up, down) in `dtype`: under expert parallelism the parameters are
+        DTensors sharded over the experts; a rank computes with its local experts only."""
+        gate_up, down = self.gate_up_proj, self.down_proj
+        if isinstance(gate_up, DTensor):
+            gate_up, down = gate_up.to_local(), down.to_local()
+        return gate_up.to(dtype), down.to(dtype)
 
-        With `capacity` (and rank_TK, each assignment's arrival order at its expert), an expert
-        computes at most `capacity` assignments; the later ones are dropped (contribute zero)."""
-        dtype = compute_dtype(x_TD)
-        x, gate_up, down = x_TD.to(dtype), self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
+    def resolve_dispatch(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> str:
         dispatch = self.dispatch
         if dispatch == "auto":
             dispatch = "grouped_mm" if grouped_mm_supported(x, gate_up, down) else "loop"
         self.last_dispatch = dispatch
+        return dispatch
+
+    @staticmethod
+    def expert_mlp(x_AD: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: list[int],
+                   use_grouped_mm: bool) -> torch.Tensor:
+        """Rows grouped by expert (counts[e] rows for expert e) through their expert's SwiGLU."""
+        if not use_grouped_mm or not sum(counts):  # the loop's backward gives zero weight gradients for no rows
+            return ExpertLoop.apply(x_AD, gate_up, down, counts)
+        offs_E = torch.tensor(counts, device=x_AD.device).cumsum(0).to(torch.int32)
+        gate_AF, up_AF = grouped_mm(x_AD, gate_up.transpose(-2, -1), offs_E).chunk(2, dim=-1)
+        return grouped_mm(F.silu(gate_AF) * up_AF, down.transpose(-2, -1), offs_E)
+
+    def forward(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor, capacity: int | None = None,
+                rank_TK: torch.Tensor | None = None, capacity_factor: float | None = None) -> torch.Tensor | Dispatched:
+        """Sum over the k chosen experts of weight * expert(x), for each token.
+
+        With `capacity` (and rank_TK, each assignment's arrival order at its expert), an expert
+        computes at most `capacity` assignments; the later ones are dropped (contribute zero).
+        Under expert parallelism (`self.parallel` set) the capacity comes from `capacity_factor` over
+        the group's tokens, and the result is a Dispatched (outputs and the group's counts). Either
+        way the call goes through __call__, where FSDP2 gathers the parameters."""
+        if self.parallel is not None:
+            return self._forward_parallel(x_TD, indices_TK, weights_TK, capacity_factor)
+        dtype = compute_dtype(x_TD)
+        x, (gate_up, down) = x_TD.to(dtype), self.local_weights(dtype)
+        dispatch = self.resolve_dispatch(x, gate_up, down)
         with torch.autocast(x_TD.device.type, enabled=False):
             if dispatch == "reference":
                 if capacity is not None:
@@ -65,6 +95,18 @@ class Experts(nn.Module):
             else:
                 y = self._forward_sorted(x, indices_TK, weights_TK, gate_up, down, dispatch == "grouped_mm")
         return y.to(x_TD.dtype)
+
+    def _forward_parallel(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
+                         capacity_factor: float | None) -> Dispatched:
+        """Expert parallelism (modeling/expert_parallel.py): tokens go to the ranks holding their experts."""
+        dtype = compute_dtype(x_TD)
+        x = x_TD.to(dtype)
+        gate_up, down = self.local_weights(dtype)
+        use_grouped_mm = self.resolve_dispatch(x, gate_up, down) == "grouped_mm"
+        with torch.autocast(x_TD.device.type, enabled=False):
+            out = expert_parallel_forward(self, x, indices_TK, weights_TK, capacity_factor, self.parallel, use_grouped_mm)
+        out.y_TD = out.y_TD.to(x_TD.dtype)
+        return out
 
     def _forward_sorted(self, x_TD, indices_TK, weights_TK, gate_up, down, use_grouped_mm: bool) -> torch.Tensor:
         # Dropless: every (token, expert) assignment is computed, grouped by expert.

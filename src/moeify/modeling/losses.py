@@ -1,5 +1,7 @@
 """Router losses. All take the router logits [T, E] and the chosen experts [T, k]."""
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -10,16 +12,28 @@ def expert_counts(indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
-def switch_aux_loss(logits_TE: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:
+GroupSum = Callable[[torch.Tensor], torch.Tensor]
+
+
+def switch_aux_loss(logits_TE: torch.Tensor, indices_TK: torch.Tensor, counts_E: torch.Tensor | None = None,
+                    group_sum: GroupSum | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Switch/Mixtral load-balancing loss E * sum_e f_e * P_e.
 
     f_e: fraction of the T*k assignments that went to expert e; P_e: mean router probability of e.
     Equals 1 when routing is perfectly balanced, E at worst (everything to one expert, k=1).
+    Under expert parallelism f and P are the group's: `counts_E` its counts, `group_sum` a
+    differentiable sum over its ranks, `tokens` its token count.
     """
     num_experts = logits_TE.shape[-1]
     probs_TE = logits_TE.float().softmax(dim=-1)
-    fraction_E = expert_counts(indices_TK, num_experts).to(probs_TE.dtype) / indices_TK.numel()
-    return num_experts * (fraction_E * probs_TE.mean(dim=0)).sum()
+    if counts_E is None:
+        counts_E = expert_counts(indices_TK, num_experts)
+    probs_E = probs_TE.sum(dim=0)
+    if group_sum is not None:
+        probs_E = group_sum(probs_E)
+    fraction_E = counts_E.to(probs_TE.dtype) / counts_E.sum()
+    mean_probs_E = probs_E / (tokens if tokens is not None else probs_TE.shape[0])
+    return num_experts * (fraction_E * mean_probs_E).sum()
 
 
 def cv_squared(x: torch.Tensor) -> torch.Tensor:
@@ -27,15 +41,21 @@ def cv_squared(x: torch.Tensor) -> torch.Tensor:
     return x.float().var(correction=0) / (x.float().mean() ** 2 + 1e-10)
 
 
-def cv_squared_balance_loss(weights_TK: torch.Tensor, indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+def cv_squared_balance_loss(weights_TK: torch.Tensor, indices_TK: torch.Tensor, num_experts: int,
+                            counts_E: torch.Tensor | None = None, group_sum: GroupSum | None = None) -> torch.Tensor:
     """LLaMA-MoE balance loss CV^2(importance) + CV^2(load).
 
     importance_e = sum of the gate scores given to e (differentiable); load_e = number of tokens
-    sent to e (a count, so only the importance term carries gradient).
+    sent to e (a count, so only the importance term carries gradient). Under expert parallelism
+    both are the group's (see switch_aux_loss).
     """
     importance_E = torch.zeros(num_experts, dtype=weights_TK.dtype, device=weights_TK.device)
     importance_E = importance_E.scatter_add(0, indices_TK.reshape(-1), weights_TK.reshape(-1))
-    return cv_squared(importance_E) + cv_squared(expert_counts(indices_TK, num_experts))
+    if group_sum is not None:
+        importance_E = group_sum(importance_E)
+    if counts_E is None:
+        counts_E = expert_counts(indices_TK, num_experts)
+    return cv_squared(importance_E) + cv_squared(counts_E)
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:

@@ -80,18 +80,24 @@ class MoEBlock(nn.Module):
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         routing = self.router(x_TD)
         E = self.router.num_experts
-        capacity = self.capacity(x_TD.shape[0])
-        rank_TK = capacity_ranks(routing.indices_TK, E) if capacity is not None else None
-        y_TD = self.experts(x_TD, routing.indices_TK, routing.weights_TK, capacity, rank_TK)
+        parallel = self.experts.parallel
         zero = routing.logits_TE.new_zeros(())
-        dropped = zero.long() if rank_TK is None else (rank_TK >= capacity).sum()
+        if parallel is None:
+            capacity = self.capacity(x_TD.shape[0])
+            rank_TK = capacity_ranks(routing.indices_TK, E) if capacity is not None else None
+            y_TD = self.experts(x_TD, routing.indices_TK, routing.weights_TK, capacity, rank_TK)
+            dropped = zero.long() if rank_TK is None else (rank_TK >= capacity).sum()
+            counts_E, group_sum, tokens = None, None, None
+        else:  # the balance losses see the whole group's tokens, as one process holding them would
+            out = self.experts(x_TD, routing.indices_TK, routing.weights_TK, capacity_factor=self.capacity_factor)
+            y_TD, dropped, counts_E, group_sum, tokens = out.y_TD, out.dropped, out.counts_E, parallel.sum, out.tokens
         # Inference needs no losses, and at a few tokens their small ops cost as much as the experts.
         balance, z_loss = zero, zero
         if self.training:
             if self.balance_loss == "switch":
-                balance = switch_aux_loss(routing.logits_TE, routing.indices_TK)
+                balance = switch_aux_loss(routing.logits_TE, routing.indices_TK, counts_E, group_sum, tokens)
             elif self.balance_loss == "cv2":
-                balance = cv_squared_balance_loss(routing.weights_TK, routing.indices_TK, E)
+                balance = cv_squared_balance_loss(routing.weights_TK, routing.indices_TK, E, counts_E, group_sum)
             z_loss = router_z_loss(routing.logits_TE)
         return MoEOutput(
             hidden=y_TD.view_as(x_BSD),

@@ -4,6 +4,8 @@ out/checkpoints/step-000120/
   dcp/                model and optimizer state (one file per rank)
   trainer.json        step, tokens, scheduler, sampler position and domain weights, model identity
   rng-rank{R}.pt      each rank's torch RNG state
+DCP stores every tensor whole (global shapes), so a run resumes under another layout: other
+numbers of ranks, FSDP2, HSDP or expert parallelism.
 A checkpoint is written to `.step-000120.tmp` and renamed when every rank has finished, so a
 crash during a save leaves the previous checkpoints intact; only the newest `keep` are kept.
 """
@@ -80,8 +82,8 @@ def _os_error(error: Exception) -> OSError:
 def load_checkpoint(path: Path, model: nn.Module, optimizer, env: DistEnv, identity: dict) -> dict:
     """Restore model, optimizer and this rank's RNG; return the trainer state."""
     trainer_state = json.loads((path / "trainer.json").read_text())
-    if trainer_state["identity"] != identity:
-        differing = sorted(k for k in identity if trainer_state["identity"].get(k) != identity[k])
+    differing = sorted(k for k in identity if trainer_state["identity"].get(k) != identity[k])
+    if differing:
         raise MoeifyError(
             f"checkpoint {path} is from another model or set-up (differs in: {', '.join(differing)}); "
             "resume with the same --model and settings, or start afresh with --force"
@@ -90,8 +92,11 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, env: DistEnv, ident
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=str(path / "dcp"))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    # Model and optimizer state reshard to any layout. The random stream (noisy gating) is per rank:
+    # a rank the saving run did not have starts a fresh one, seeded from the step and its rank.
     rng_file = path / f"rng-rank{env.rank}.pt"
-    if not rng_file.is_file():
-        raise MoeifyError(f"checkpoint {path} was written by fewer ranks; resume with the same number of processes")
-    torch.set_rng_state(torch.load(rng_file))
+    if rng_file.is_file():
+        torch.set_rng_state(torch.load(rng_file))
+    else:
+        torch.manual_seed(trainer_state["step"] * 100_003 + env.rank)
     return trainer_state

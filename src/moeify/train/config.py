@@ -18,7 +18,7 @@ class TrainConfig:
         "beta2": fraction(True, False), "grad_clip": at_least(0), "dynamic_eta": positive(), "eval_every": at_least(0),
         "eval_blocks": at_least(1), "balance_coef": at_least(0), "z_loss_coef": at_least(0), "bias_update_rate": at_least(0),
         "capacity_factor": positive(), "checkpoint_every": at_least(0), "keep_checkpoints": at_least(1), "peak_tflops": positive(),
-        "log_every": at_least(1), "loss_chunk": at_least(0),
+        "log_every": at_least(1), "loss_chunk": at_least(0), "ep": at_least(1), "hsdp": at_least(1),
     }
     model: str = "smollm2-135m"
     """Model to train: an MoE or dense Hugging Face directory, a .gguf file or an embedded name."""
@@ -86,6 +86,11 @@ class TrainConfig:
     """torch.compile each decoder layer (the MoE block compiles without graph breaks)."""
     parallel: Literal["fsdp", "ddp"] = "fsdp"
     """With several ranks: fsdp (FSDP2 fully_shard per layer) | ddp."""
+    ep: int = 1
+    """Expert parallelism: groups of N consecutive ranks split the experts (N divides the experts and the
+    ranks of a shard group); tokens travel to their experts with all-to-all."""
+    hsdp: int = 1
+    """HSDP: R replicas, each sharded by FSDP2 over ranks / R (all-gathers stay within a replica)."""
     dispatch: Literal["auto", "grouped_mm", "loop", "reference"] = "auto"
     """MoE dispatch kernel: auto (grouped_mm where the shapes allow, else loop) | grouped_mm | loop | reference."""
     checkpoint_every: int = 0

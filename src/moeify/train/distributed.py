@@ -1,4 +1,5 @@
-"""Process-group set-up and model wrapping with PyTorch's own engines (torchrun, FSDP2, DDP)."""
+"""Process-group set-up (torchrun), precision, activation checkpointing and compilation; the parallel
+layout (FSDP2, HSDP, EP, DDP) is train/parallelize.py."""
 
 import os
 from dataclasses import dataclass
@@ -87,27 +88,6 @@ def compile_layers(model: nn.Module) -> None:
     """torch.compile each decoder layer in place (torchtitan's granularity; parameter names unchanged)."""
     for layer in model.model.layers:
         layer.compile()
-
-
-def wrap_model(model: nn.Module, env: DistEnv, parallel: str, dtype: torch.dtype = torch.float32,
-               reshard_after_forward: bool = True) -> nn.Module:
-    """FSDP2: shard each decoder layer, then the root (embeddings, final norm, head). Or DDP.
-
-    Master weights, gradients and optimizer state stay fp32; with bf16, FSDP2 gathers the
-    parameters in bf16 for compute and reduces gradients in fp32."""
-    if not env.distributed:
-        return model
-    if parallel == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    for layer in model.model.layers:
-        fully_shard(layer, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mp_policy=policy)
-    return model
 
 
 def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:

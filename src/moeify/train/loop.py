@@ -18,6 +18,7 @@ from moeify.train.distributed import gather_to_list
 from moeify.train.export import export_stock
 from moeify.train.heldout import heldout_losses
 from moeify.train.metrics import peak_rss_mb
+from moeify.train.parallelize import optimizer_state_bytes
 from moeify.train.session import Session, open_session
 from moeify.train.step import MicroBatch, train_step
 
@@ -78,7 +79,7 @@ def _step(run: Session, step: int) -> dict:
     config = run.config
     started = time.perf_counter()
     record = train_step(run.model, run.blocks, run.optimizer, lambda: _micro_batch(run), len(run.data.domains), config, run.env,
-                        run.accum, run.dtype)
+                        run.accum, run.dtype, measure_bytes=step == 1)
     domain_stats = record.pop("_domain_stats")
     record["domain_loss"] = {d: (s / n).item() for d, (s, n) in zip(run.data.domains, domain_stats) if n > 0}
     if not math.isfinite(record["loss"]):
@@ -100,7 +101,10 @@ def _step(run: Session, step: int) -> dict:
         if run.dynamic is not None and step < run.steps:
             run.sampler.set_weights(run.dynamic.update(run.sampler.weights, record["heldout_loss"]))
             record["domain_weights"] = run.sampler.weights
-    if step % config.log_every == 0 or "heldout_loss" in record:
+    if step == 1:  # gradients and optimizer state exist from the first step on
+        record["gradient_bytes_per_rank"] = gather_to_list(record.pop("_gradient_bytes"), run.env)
+        record["optimizer_bytes_per_rank"] = gather_to_list(optimizer_state_bytes(run.optimizer), run.env)
+    if step % config.log_every == 0 or "heldout_loss" in record or step == 1:
         run.logger.log(record)
     return record
 

@@ -7,12 +7,13 @@ Every method, option, router and format of `build` works here; data-driven metho
 partition from a `moeify split` file. The weights are bit-identical to `moeify build`.
 """
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from transformers import AutoModelForCausalLM
 
 from moeify.checkpoint.dense import DenseCheckpoint
@@ -23,7 +24,8 @@ from moeify.errors import MoeifyError
 from moeify.modeling.canonical import DOWN, GATE_UP
 from moeify.modeling.hf import MoEFeedForward, attach_moe_blocks, moe_layers
 from moeify.schema import to_flat
-from moeify.train.distributed import DistEnv, wrap_model
+from moeify.train.distributed import DistEnv
+from moeify.train.parallelize import Layout, check_experts, wrap_model
 
 
 @dataclass
@@ -33,18 +35,13 @@ class OnlineBuild:
     manifest: Manifest
 
 
-def plan_online(dense: DenseCheckpoint, construction: ConstructionConfig, source: str, env: DistEnv, parallel: str
-                ) -> tuple[ConstructionPlan, OutputFormat, str]:
+def plan_online(dense: DenseCheckpoint, construction: ConstructionConfig, source: str, env: DistEnv, layout: Layout) -> tuple[ConstructionPlan, OutputFormat, str]:
     """Every check that can fail, before any weight is allocated or any training step runs."""
     plan = ConstructionPlan.make(dense, construction, source, progress=False, compute_partition=False)
     fmt, format_name = choose_format(dense.config, plan.features, plan.config.format)
-    if env.distributed and parallel != "fsdp":
+    if env.distributed and layout.parallel != "fsdp":
         raise MoeifyError("online upcycling shards the MoE with FSDP2; use --parallel fsdp")
-    if plan.num_experts % env.world_size:
-        raise MoeifyError(
-            f"--num-experts {plan.num_experts} cannot be split evenly over {env.world_size} ranks; "
-            f"choose a number of experts divisible by {env.world_size} or another number of ranks"
-        )
+    check_experts(layout, plan.num_experts)
     needed = [f"model.layers.{layer}.mlp.{proj}.weight" for layer in range(dense.num_layers) for proj in ("gate_proj", "up_proj", "down_proj")]
     needed += ["model.embed_tokens.weight", "model.norm.weight"]
     missing = dense.missing(needed)
@@ -60,7 +57,7 @@ def plan_online(dense: DenseCheckpoint, construction: ConstructionConfig, source
     return plan, fmt, format_name
 
 
-def build_online(dense: DenseCheckpoint, construction: ConstructionConfig, source: str, env: DistEnv, parallel: str,
+def build_online(dense: DenseCheckpoint, construction: ConstructionConfig, source: str, env: DistEnv, layout: Layout,
                  dispatch: str, noisy: bool, capacity_factor: float | None,
                  before_sharding=lambda model, blocks: None, dtype: torch.dtype = torch.float32,
                  reshard_after_forward: bool = True) -> OnlineBuild:
@@ -68,49 +65,52 @@ def build_online(dense: DenseCheckpoint, construction: ConstructionConfig, sourc
 
     `before_sharding(model, blocks)` runs on the meta-device model (freezing, activation checkpointing).
     """
-    plan, fmt, format_name = plan_online(dense, construction, source, env, parallel)
+    plan, fmt, format_name = plan_online(dense, construction, source, env, layout)
     config = fmt.make_config(dense.config, plan.num_experts, plan.top_k, plan.expert_size, plan.features)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         blocks = attach_moe_blocks(model, dispatch, noisy, capacity_factor, gate=plan.config.router.gate)
     before_sharding(model, blocks)
-    model = wrap_model(model, env, parallel, dtype, reshard_after_forward)
+    model = wrap_model(model, env, layout, dtype, reshard_after_forward)
     model.to_empty(device=env.device)
     if not env.distributed:
         model.tie_weights()  # to_empty on an unsharded model unties shared parameters (FSDP2 keeps them)
-    _fill(model, dense, plan, fmt, env)
+    _fill(model, dense, plan, fmt)
     rotary = model.model.rotary_emb  # its inv_freq buffers are not saved, so recompute them
     model.model.rotary_emb = type(rotary)(config=model.config).to(env.device)
     return OnlineBuild(model, blocks, plan.manifest(dense, source, fmt.architecture, format_name).replace(built_online=True))
 
 
-def _local_rows(tensor: torch.Tensor, env: DistEnv) -> tuple[torch.Tensor, int]:
-    """This rank's local tensor of a parameter or buffer, and the global row its first row is."""
-    if hasattr(tensor, "to_local"):  # DTensor sharded on dim 0 by FSDP2, torch.chunk style
-        chunk = math.ceil(tensor.shape[0] / env.world_size)
-        return tensor.to_local(), min(env.rank * chunk, tensor.shape[0])
-    return tensor.data, 0
+def _local_box(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """This rank's local tensor of a parameter or buffer, and where it lies in the global tensor
+    (FSDP2 and expert parallelism shard on any dimension, torch.chunk style)."""
+    if isinstance(tensor, DTensor):
+        shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+        return tensor.to_local(), tuple(slice(o, o + n) for o, n in zip(offset, shape))
+    return tensor.data, tuple(slice(0, n) for n in tensor.shape)
 
 
 @torch.no_grad()
-def _fill(model: nn.Module, dense: DenseCheckpoint, plan: ConstructionPlan, fmt: OutputFormat, env: DistEnv) -> None:
+def _fill(model: nn.Module, dense: DenseCheckpoint, plan: ConstructionPlan, fmt: OutputFormat) -> None:
     moe_modules = moe_layers(model)
     moe_tensors = {id(t) for moe in moe_modules.values() for t in [*moe.parameters(), *moe.buffers()]}
     for name, param in model.named_parameters():
         if id(param) in moe_tensors:
             continue
-        local, start = _local_rows(param, env)
-        if local.shape[0]:
-            local.copy_(dense.rows(name, start, start + local.shape[0]))
+        local, box = _local_box(param)
+        if local.numel():
+            local.copy_(dense.block(name, box))
     for index, moe in moe_modules.items():  # one dense FFN in memory at a time
         layer = fmt.from_construction(plan.layer(dense, index), plan.expert_size)
         tensors = dict(moe.named_parameters()) | dict(moe.named_buffers())
-        (gate_up, start), (down, _) = _local_rows(tensors.pop(GATE_UP), env), _local_rows(tensors.pop(DOWN), env)  # both [E, ...]: same rows
+        (gate_up, up_box), (down, down_box) = _local_box(tensors.pop(GATE_UP)), _local_box(tensors.pop(DOWN))
+        assert up_box[0] == down_box[0], "both expert tensors are split over the same experts"
+        experts = up_box[0]
         # Expert by expert, each made once for both tensors: at most one made expert beside the dense FFN.
-        for row, (gate_up_row, down_row) in enumerate(layer.fused_experts(start, start + gate_up.shape[0])):
-            gate_up[row].copy_(gate_up_row)
-            down[row].copy_(down_row)
+        for row, (gate_up_full, down_full) in enumerate(layer.fused_experts(experts.start, experts.stop)):
+            gate_up[row].copy_(gate_up_full[up_box[1:]])
+            down[row].copy_(down_full[down_box[1:]])
         for name, tensor in tensors.items():
-            local, start = _local_rows(tensor, env)
-            if local.shape[0]:
-                local.copy_(layer.module_tensor(name, start, start + local.shape[0]))
+            local, box = _local_box(tensor)
+            if local.numel():
+                local.copy_(layer.module_tensor(name, box[0].start, box[0].stop)[(slice(None), *box[1:])])

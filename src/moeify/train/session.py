@@ -32,11 +32,11 @@ from moeify.train.distributed import (
     gather_to_list,
     init_distributed,
     training_dtype,
-    wrap_model,
 )
 from moeify.train.heldout import heldout_losses
 from moeify.train.metrics import MetricsLogger, flops_per_token, peak_flops, peak_rss_mb
 from moeify.train.online import build_online
+from moeify.train.parallelize import Layout, check_experts, check_layout, local_bytes, wrap_model
 from moeify.train.setup import check_config, make_optimizer, make_scheduler, reference_losses, set_trainable
 
 
@@ -71,6 +71,8 @@ def open_session(config: TrainConfig, construction: ConstructionConfig | None = 
     """Set a run up (or resume it); every check that can fail runs before the first step."""
     env = init_distributed()
     check_config(config, env)
+    layout = Layout(env.world_size, config.ep, config.hsdp, config.parallel)
+    check_layout(layout)
     out = Path(config.out)
     _prepare_out_dir(out, config, env)
     model_dir = _on_main_first(env, lambda: resolve_model(config.from_dense or config.model))
@@ -98,15 +100,16 @@ def open_session(config: TrainConfig, construction: ConstructionConfig | None = 
 
     if config.from_dense:
         online = build_online(DenseCheckpoint(model_dir), construction or ConstructionConfig(seed=config.seed), config.from_dense,
-                              env, config.parallel, config.dispatch, config.noisy_gate, config.capacity_factor, before_sharding,
-                              dtype, config.reshard_after_forward)
+                              env, layout, config.dispatch, config.noisy_gate, config.capacity_factor,
+                              before_sharding, dtype, config.reshard_after_forward)
         model, blocks, manifest = online.model, online.blocks, online.manifest
         model_config = model.config
     else:
         model, blocks = load_moe_model(model_dir, env.device, config.dispatch, config.noisy_gate, config.capacity_factor)
+        check_experts(layout, blocks[0].block.router.num_experts if blocks else None)
         before_sharding(model, blocks)
         model_config = model.config
-        model = wrap_model(model, env, config.parallel, dtype, config.reshard_after_forward)
+        model = wrap_model(model, env, layout, dtype, config.reshard_after_forward)
         manifest = Manifest.read(model_dir)
     rss_after_build = gather_to_list(round(peak_rss_mb(), 1), env)  # per rank
     if data.meta["tokenizer"]["vocab_size"] > model_config.vocab_size:
@@ -126,7 +129,7 @@ def open_session(config: TrainConfig, construction: ConstructionConfig | None = 
     if config.dynamic:
         dynamic = DynamicWeights(reference_losses(config, model_dir, data, env), config.dynamic, config.dynamic_eta)
 
-    identity = _identity(model_config, data, config, env)
+    identity = _identity(model_config, data, config)
     start_step, tokens_seen = 0, 0
     if config.resume:
         state = load_checkpoint(complete_checkpoints(out)[-1], model, optimizer, env, identity)
@@ -140,7 +143,8 @@ def open_session(config: TrainConfig, construction: ConstructionConfig | None = 
     peak, peak_source = peak_flops(env.device, config.peak_tflops)
     if start_step == 0:
         logger.log({"step": 0, "tokens": 0, "domain_weights": sampler.weights, "peak_flops": peak, "peak_flops_source": peak_source,
-                    "flops_per_token": flops_token, "peak_rss_mb_after_build": rss_after_build,
+                    "flops_per_token": flops_token, "peak_rss_mb_after_build": rss_after_build, "layout": layout.describe(),
+                    "parameter_bytes_per_rank": gather_to_list(local_bytes(model.parameters()), env),
                     "built_online": bool(config.from_dense), "heldout_loss": heldout_losses(model, data, config.eval_blocks, config.micro_batch, dtype)})
     return Session(config, env, out, model_dir, data, model, model_config, blocks, manifest, optimizer, scheduler, sampler, dynamic,
                    identity, logger, dtype, steps, accum, flops_token, peak, start_step, tokens_seen,
@@ -191,13 +195,12 @@ def _prepare_out_dir(out: Path, config: TrainConfig, env: DistEnv) -> None:
     barrier(env)
 
 
-def _identity(model_config, data: PackedDataset, config: TrainConfig, env: DistEnv) -> dict:
+def _identity(model_config, data: PackedDataset, config: TrainConfig) -> dict:
     """What must match for a checkpoint to be resumed."""
     described = {k: v for k, v in model_config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
     return {
         "model_config_sha256": hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest(),
         "data": data.meta["fingerprint"],
         "batch_size": config.batch_size,
-        "world_size": env.world_size,
         "max_tokens": config.max_tokens,
     }

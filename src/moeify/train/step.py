@@ -15,6 +15,7 @@ from moeify.modeling.hf import MoEFeedForward
 from moeify.train.config import TrainConfig
 from moeify.train.distributed import DistEnv, all_reduce_sum
 from moeify.train.heldout import sequence_losses
+from moeify.train.parallelize import clip_grad_norm, local_bytes
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # token ids [B, S] and each sequence's domain index [B], on the device
 
@@ -43,7 +44,8 @@ def reduce_stats(tensors: list[torch.Tensor], env: DistEnv) -> list[torch.Tensor
 
 def train_step(model: torch.nn.Module, blocks: list[MoEFeedForward], optimizer: torch.optim.Optimizer,
                next_micro_batch: Callable[[], MicroBatch], num_domains: int, config: TrainConfig, env: DistEnv, accum: int,
-               dtype: torch.dtype = torch.float32) -> dict:
+               dtype: torch.dtype = torch.float32, measure_bytes: bool = False) -> dict:
+    """`measure_bytes` adds the bytes this rank holds for gradients (before they are freed)."""
     device = env.device
     stat = dict(dtype=torch.float64, device=device)
     domain_stats = torch.zeros(num_domains, 2, **stat)  # per domain: sum of sequence losses, sequences
@@ -64,16 +66,17 @@ def train_step(model: torch.nn.Module, blocks: list[MoEFeedForward], optimizer: 
         (loss / accum).backward()
         domain_stats.index_add_(0, domain_B, torch.stack([seq_loss.detach().double(), torch.ones_like(seq_loss, **stat)], dim=1))
     domain_stats, moe_stats, load = reduce_stats([domain_stats, moe_stats, load], env)
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
-                                               config.grad_clip if config.grad_clip > 0 else float("inf"))
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    grad_norm = clip_grad_norm([p for p in model.parameters() if p.grad is not None],
+                               config.grad_clip if config.grad_clip > 0 else float("inf"))
     on_device = [domain_stats, moe_stats, load, grad_norm.reshape(1).double()]
     domain_host, moe_host, load_host, norm_host = _unflat(_flat(on_device).cpu(), on_device)  # the one transfer
     loss_value = (domain_host[:, 0].sum() / domain_host[:, 1].sum()).item()
     if math.isfinite(loss_value):
         optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     record = {"loss": loss_value, "grad_norm": norm_host.item(), "_domain_stats": domain_host}
+    if measure_bytes:
+        record["_gradient_bytes"] = local_bytes(p.grad for p in model.parameters() if p.grad is not None)
+    optimizer.zero_grad(set_to_none=True)
     if blocks:
         micro_steps = accum * env.world_size
         assignments = load_host.sum(dim=1, keepdim=True)
