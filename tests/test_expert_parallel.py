@@ -147,3 +147,30 @@ def test_bad_layouts_on_two_ranks(flags, message, tiny_models, tiny_moe, tiny_da
     assert result.returncode != 0
     assert f"moeify: error: {message}" in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before any training step
+
+
+def test_global_capacity_keeps_what_one_process_keeps():
+    # kept_counts decides from the group's counts alone which of each rank's assignments fit; one
+    # process holding the ranks' tokens one after another ranks them with capacity_ranks (GShard).
+    import torch
+
+    from moeify.modeling.expert_parallel import kept_counts
+    from moeify.modeling.moe_block import capacity_ranks
+
+    torch.manual_seed(0)
+    R, T, K, E, C = 3, 10, 2, 4, 6
+    indices_RTK = torch.stack([torch.randperm(E)[:K] for _ in range(R * T)]).view(R, T, K)
+    counts_RKE = torch.zeros(R, K, E, dtype=torch.long)
+    for r in range(R):
+        for c in range(K):
+            counts_RKE[r, c] = torch.bincount(indices_RTK[r, :, c], minlength=E)
+    kept_RKE = kept_counts(counts_RKE, C)
+    ranks_TK = capacity_ranks(indices_RTK.reshape(R * T, K), E).view(R, T, K)
+    for r in range(R):
+        for c in range(K):
+            expected = torch.bincount(indices_RTK[r, :, c][ranks_TK[r, :, c] < C], minlength=E)
+            assert torch.equal(kept_RKE[r, c], expected)
+    assert kept_RKE.sum(dim=(0, 1)).max() <= C and (kept_RKE < counts_RKE).any()  # the limit binds somewhere
+    # A hand case: one expert, 2 ranks, 3 first and 2 second choices each, capacity 7: all first choices
+    # (6) and rank 0's first second choice fit.
+    assert kept_counts(torch.tensor([[[3], [2]], [[3], [2]]]), 7).tolist() == [[[3], [1]], [[3], [0]]]
