@@ -42,6 +42,9 @@ class Manifest:
     training: dict | None = None
     layout: str = "per-expert"
     """On-disk layout of the MoE tensors: per-expert keys or transformers 5's fused names."""
+    scale_placement: str = "fold"
+    """On disk the scale is always folded into down_proj; `multiplier`: training holds it as a factor on
+    the routed experts' outputs instead (LLaMA-MoE), folded back when the model is written."""
     moeify_version: str = field(default_factory=lambda: moeify.__version__)
     torch_version: str = field(default_factory=lambda: torch.__version__.split("+")[0])
 

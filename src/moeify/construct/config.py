@@ -23,6 +23,9 @@ class RouterOptions:
     """softmax-topk / sigmoid-topk: renormalise the k kept scores (topk-softmax always sums to 1)."""
     gate: Literal["linear", "mlp"] = "linear"
     """Router network: linear, or LLaMA-MoE's Linear-tanh-Linear (moeify format only)."""
+    mlp_gate_init: Literal["identity", "normal"] = "identity"
+    """MLP gate's second layer: identity (the gate starts as the linear one) or N(0, router_std)
+    like the first (LLaMA-MoE)."""
     router_std: float = 0.02
     """Router initialised N(0, router_std); 0 gives zeros (uniform routing)."""
     router_init: RouterInit = "auto"
@@ -44,13 +47,26 @@ class SplitOptions:
 
 @dataclass
 class UpcycleOptions:
-    RANGES: ClassVar[dict] = {"granularity": at_least(1), "drop_ratio": fraction(), "noise_std": at_least(0)}
+    RANGES: ClassVar[dict] = {"granularity": at_least(1), "drop_ratio": fraction(), "noise_std": at_least(0),
+                              "noise_fraction": fraction(low_inclusive=False)}
     granularity: int = 1
     """granular-upcycle: slices G per copy of the FFN; experts = copies x G."""
+    weight_scaling: Literal["exact", "megatron"] = "exact"
+    """Upcycling methods: the output scale s folded into down_proj (exact at construction), or s^(1/3)
+    on gate, up and down with Megatron-Core's s (copies x G^2 / k for softmax-topk, else G)."""
     drop_ratio: float = 0.5
     """drop-upcycle: fraction of each expert's neurons re-initialised."""
+    drop_indices: Literal["shared", "independent"] = "shared"
+    """drop-upcycle: one re-initialised neuron set for gate, up and down, or one per matrix (the authors' code)."""
+    drop_stats: Literal["matrix", "replaced"] = "matrix"
+    """drop-upcycle: new values drawn with the mean and std of the whole matrix, or of the replaced
+    neurons' weights (the authors' code)."""
     noise_std: float = 0.01
-    """noise-upcycle: Gaussian noise, relative to each weight matrix's standard deviation."""
+    """noise-upcycle: std of the Gaussian noise (relative to each matrix's std unless --no-noise-relative)."""
+    noise_relative: bool = True
+    """noise-upcycle: scale the noise by each weight matrix's std (off: absolute, the authors' N(0, 0.02))."""
+    noise_fraction: float = 1.0
+    """noise-upcycle: fraction of each matrix's neurons that get noise, drawn per matrix (the authors: r)."""
 
 
 @dataclass
@@ -87,6 +103,9 @@ class ConstructionConfig:
     """Seed of partition, router and re-initialisation; same seed, same bytes."""
     scale: float | None = None
     """Output scale folded into each expert's down projection; default: the method's (E/k for splits)."""
+    scale_placement: Literal["fold", "multiplier"] = "fold"
+    """Where training keeps the scale: folded into down_proj, or as a fixed multiplier of the routed
+    experts' outputs (LLaMA-MoE; AdamW then moves s x W_down s times faster). Written folded either way."""
     partition: Path | None = None
     """A `moeify split` partition file; its method and method options replace the given ones."""
     format: str | None = None

@@ -44,6 +44,10 @@ class ConstructionMethod:
         """(experts [E, S], shared [S0]) neuron indices of one layer, rows sorted."""
         raise NotImplementedError
 
+    def megatron_scale(self, options: ConstructionConfig, top_k: int, router: RouterSpec) -> float | None:
+        """The scale Megatron-Core's upcycling would use (None: not an upcycling method)."""
+        return None
+
     def perturb(self, weights: tuple[torch.Tensor, ...], options: ConstructionConfig, layer: int, expert: int) -> tuple[torch.Tensor, ...]:
         """Change one expert's (gate, up, down) after copying; identity unless the method re-initialises."""
         return weights
@@ -66,6 +70,13 @@ def check_equal_split(ffn_size: int, options: ConstructionConfig, shared_size: i
         )
 
 
+def megatron_activation_scale(num_experts: int, granularity: int, top_k: int, router: RouterSpec) -> float:
+    """Megatron-Core's upcycling activation scale (upcycling_utils.py): copies x G^2 / k when the
+    router takes the softmax before the top-k, else G; renormalisation is not considered."""
+    copies = num_experts // granularity
+    return copies * granularity**2 / top_k if router.routing == "softmax-topk" else float(granularity)
+
+
 class Upcycle(ConstructionMethod):
     name = "upcycle"
     description = "copy the whole FFN into every expert (Llama 3 Meets MoE)"
@@ -79,6 +90,9 @@ class Upcycle(ConstructionMethod):
     def default_scale(self, ffn_size: int, options: ConstructionConfig, top_k: int, router: RouterSpec) -> float:
         # Mixing weights of the k chosen experts sum to 1 and every expert is the dense FFN.
         return 1.0
+
+    def megatron_scale(self, options: ConstructionConfig, top_k: int, router: RouterSpec) -> float:
+        return megatron_activation_scale(options.num_experts, 1, top_k, router)
 
     def layer_partition(self, ffn_size: int, options: ConstructionConfig, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.arange(ffn_size).expand(options.num_experts, -1), torch.zeros(0, dtype=torch.long)
@@ -98,13 +112,16 @@ class DropUpcycle(Upcycle):
         if count == 0:
             return weights
         generator = expert_generator(options.seed, layer, expert)
-        dropped = torch.randperm(gate.shape[0], generator=generator)[:count]
+        independent = options.upcycle.drop_indices == "independent"
+        shared_set = None if independent else torch.randperm(gate.shape[0], generator=generator)[:count]
 
         def redraw(matrix: torch.Tensor, rows: bool) -> torch.Tensor:
-            # New neurons from a normal with the mean and std of the weight matrix they replace.
+            # New neurons from a normal with the mean and std of the whole matrix, or of what they replace.
+            dropped = torch.randperm(gate.shape[0], generator=generator)[:count] if independent else shared_set
             values = matrix.float()
+            source = values if options.upcycle.drop_stats == "matrix" else (values[dropped] if rows else values[:, dropped])
             shape = (count, matrix.shape[1]) if rows else (matrix.shape[0], count)
-            fresh = (torch.randn(shape, generator=generator) * values.std() + values.mean()).to(matrix.dtype)
+            fresh = (torch.randn(shape, generator=generator) * source.std() + source.mean()).to(matrix.dtype)
             out = matrix.clone()
             if rows:
                 out[dropped] = fresh
@@ -117,18 +134,33 @@ class DropUpcycle(Upcycle):
 
 class NoiseUpcycle(Upcycle):
     name = "noise-upcycle"
-    description = "upcycle, then add Gaussian noise (sigma x each matrix's std) to every copy"
+    description = "upcycle, then add Gaussian noise to every copy (sigma x each matrix's std, or the authors' absolute N(0, sigma) on a fraction of neurons)"
 
     def check(self, ffn_size: int, options: ConstructionConfig) -> None:
         if options.upcycle.noise_std < 0:
             raise MoeifyError(f"--noise-std must be >= 0, got {options.upcycle.noise_std}")
 
     def perturb(self, weights: tuple[torch.Tensor, ...], options: ConstructionConfig, layer: int, expert: int) -> tuple[torch.Tensor, ...]:
-        if options.upcycle.noise_std == 0:
+        upcycle = options.upcycle
+        if upcycle.noise_std == 0:
             return weights
         generator = expert_generator(options.seed, layer, expert)
-        return tuple((w.float() + torch.randn(w.shape, generator=generator) * (options.upcycle.noise_std * w.float().std())).to(w.dtype)
-                     for w in weights)
+        neurons = weights[0].shape[0]
+
+        def noised(w: torch.Tensor, rows: bool) -> torch.Tensor:
+            std = upcycle.noise_std * (w.float().std() if upcycle.noise_relative else 1.0)
+            if upcycle.noise_fraction == 1.0:
+                return (w.float() + torch.randn(w.shape, generator=generator) * std).to(w.dtype)
+            chosen = torch.randperm(neurons, generator=generator)[: int(upcycle.noise_fraction * neurons)]
+            out = w.float().clone()
+            if rows:
+                out[chosen] += torch.randn(len(chosen), w.shape[1], generator=generator) * std
+            else:
+                out[:, chosen] += torch.randn(w.shape[0], len(chosen), generator=generator) * std
+            return out.to(w.dtype)
+
+        gate, up, down = weights
+        return noised(gate, True), noised(up, True), noised(down, False)
 
 
 class GranularUpcycle(ConstructionMethod):
@@ -146,6 +178,9 @@ class GranularUpcycle(ConstructionMethod):
 
     def expert_size(self, ffn_size: int, options: ConstructionConfig) -> int:
         return ffn_size // options.upcycle.granularity
+
+    def megatron_scale(self, options: ConstructionConfig, top_k: int, router: RouterSpec) -> float:
+        return megatron_activation_scale(options.num_experts, options.upcycle.granularity, top_k, router)
 
     def default_scale(self, ffn_size: int, options: ConstructionConfig, top_k: int, router: RouterSpec) -> float:
         # The output scale of He et al.: G for top-k-then-softmax (the k = G slices of one copy

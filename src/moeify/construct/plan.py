@@ -17,7 +17,7 @@ from moeify.construct.config import ConstructionConfig, method_options, partitio
 from moeify.construct.methods import ConstructionMethod
 from moeify.construct.partition import Partition, model_fingerprint
 from moeify.construct.registry import get_method
-from moeify.construct.seeding import ROUTER_STREAM, layer_generator
+from moeify.construct.seeding import MLP_GATE_STREAM, ROUTER_STREAM, layer_generator
 from moeify.errors import MoeifyError
 from moeify.modeling.canonical import FFNWeights, LazyExperts, MoELayer
 from moeify.schema import validate
@@ -62,6 +62,12 @@ class ConstructionPlan:
         config.check_routing()
         plan = cls(config, method, dense.ffn_size, partition, 1.0, "normal")
         plan.scale = plan._default_scale() if config.scale is None else config.scale
+        if config.upcycle.weight_scaling == "megatron":
+            megatron = method.megatron_scale(config, config.router.top_k, config.router.spec())
+            if megatron is None:
+                raise MoeifyError(f"--weight-scaling megatron is Megatron-Core's rule for the upcycling methods (upcycle, "
+                                  f"granular-upcycle, drop-upcycle, noise-upcycle), not --method {method.name}; drop it")
+            plan.scale = megatron if config.scale is None else config.scale
         plan.router_init = plan._resolve_router_init()
         return plan
 
@@ -107,8 +113,9 @@ class ConstructionPlan:
         return Manifest(source_model=source, source_path=str(dense.path), source_family=dense.family, architecture=architecture,
                         format=format_name, method=self.method.name, num_experts=self.num_experts, top_k=self.top_k,
                         expert_size=self.expert_size, shared_size=self.shared_size, scale=self.scale, seed=self.config.seed,
-                        router={**asdict(router.spec()), "router_std": router.router_std, "router_init": self.router_init},
-                        options=method_options(self.config),
+                        router={**asdict(router.spec()), "router_std": router.router_std, "router_init": self.router_init,
+                                **({"mlp_gate_init": router.mlp_gate_init} if router.gate == "mlp" else {})},
+                        options=method_options(self.config), scale_placement=self.config.scale_placement,
                         partition=str(self.config.partition) if self.config.partition is not None else None)
 
     def neurons(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,6 +146,14 @@ class ConstructionPlan:
         weight = torch.randn(E // G, hidden_size, generator=layer_generator(self.config.seed, layer, ROUTER_STREAM)) * std
         return weight.repeat_interleave(G, dim=0).to(dtype)
 
+    def mlp_gate_out(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
+        """The MLP gate's Linear(E, E) after tanh: the identity (the gate begins like the linear one),
+        or N(0, router_std) like its first layer (LLaMA-MoE)."""
+        if self.config.router.mlp_gate_init == "identity":
+            return torch.eye(self.num_experts, dtype=dtype)
+        generator = layer_generator(self.config.seed, layer, MLP_GATE_STREAM)
+        return (torch.randn(self.num_experts, self.num_experts, generator=generator) * self.config.router.router_std).to(dtype)
+
     def layer(self, dense: DenseCheckpoint, layer: int) -> MoELayer:
         """Layer `layer`'s canonical MoE tensors; experts are made when asked for (LazyExperts)."""
         dense_ffn = FFNWeights(*dense.ffn(layer))
@@ -147,11 +162,11 @@ class ConstructionPlan:
 
         def make_expert(expert: int) -> FFNWeights:
             perturbed = FFNWeights(*self.method.perturb((dense_ffn.gate, dense_ffn.up, dense_ffn.down), self.config, layer, expert))
-            return expert_weights(perturbed, experts_ES[expert], self.scale)
+            return expert_weights(perturbed, experts_ES[expert], self.scale, self.config.upcycle.weight_scaling == "megatron")
 
         mlp_out = None
-        if self.config.router.gate == "mlp":  # Linear(E, E) after tanh starts as the identity: the MLP gate begins like the linear one
-            mlp_out = torch.eye(self.num_experts, dtype=dtype)
+        if self.config.router.gate == "mlp":
+            mlp_out = self.mlp_gate_out(layer, dtype)
         return MoELayer(
             router=self.router_weight(layer, dense.hidden_size, dtype),
             experts=LazyExperts(self.num_experts, make_expert),
@@ -161,14 +176,19 @@ class ConstructionPlan:
         )
 
 
-def expert_weights(ffn: FFNWeights, neurons: torch.Tensor, scale: float) -> FFNWeights:
-    """One expert's (gate, up, down) from the dense FFN; the output scale is folded into down.
+def expert_weights(ffn: FFNWeights, neurons: torch.Tensor, scale: float, spread: bool = False) -> FFNWeights:
+    """One expert's (gate, up, down) from the dense FFN; the output scale is folded into down, or
+    (`spread`, Megatron-Core) s^(1/3) into each of the three: silu(a g) a u is not a^2 silu(g) u, so
+    that is not exactly s times the expert's output.
 
     An expert that holds every neuron in order with scale 1 (upcycling) is the dense FFN itself:
     the tensors are returned as they are, not copied."""
     if scale == 1.0 and neurons.numel() == ffn.size and torch.equal(neurons, torch.arange(ffn.size)):
         return ffn
-    down = ffn.down[:, neurons]
-    if scale != 1.0:
+    gate, up, down = ffn.gate[neurons], ffn.up[neurons], ffn.down[:, neurons]
+    if spread and scale != 1.0:
+        factor = scale ** (1 / 3)
+        gate, up, down = gate * factor, up * factor, down * factor
+    elif scale != 1.0:
         down = down * scale
-    return FFNWeights(ffn.gate[neurons].contiguous(), ffn.up[neurons].contiguous(), down.contiguous())
+    return FFNWeights(gate.contiguous(), up.contiguous(), down.contiguous())

@@ -5,6 +5,7 @@ import torch
 # (by one rank of a distributed job, say) and still get the same numbers as a full build.
 PARTITION_STREAM = 0
 ROUTER_STREAM = 1
+MLP_GATE_STREAM = 2
 _EXPERT_STREAMS = 1000  # per-expert streams (re-initialisation, noise) start here
 
 

@@ -119,3 +119,18 @@ def stock_state_dict(state: dict[str, torch.Tensor], config, layout: str | None 
         gate = "mlp" if C.ROUTER_MLP_OUT in canonical else "linear"
         out.update(fmt.disk_tensors(index, MoELayer.from_module_state(canonical), gate, layout))
     return out
+
+
+@torch.no_grad()
+def hold_scale_as_multiplier(blocks: list[MoEFeedForward], scale: float) -> None:
+    """Take the scale folded into each routed expert's down_proj out of it and apply it to the experts'
+    output instead (same function; under AdamW the update of s x W_down is s times larger)."""
+    for moe in blocks:
+        moe.block.experts.down_proj.div_(scale)
+        moe.block.output_scale = scale
+
+
+def fold_scale(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """A full state dict with the multiplier folded back into every routed expert's down_proj."""
+    suffix = "." + C.DOWN
+    return {name: tensor * scale if name.endswith(suffix) else tensor for name, tensor in state.items()}

@@ -36,26 +36,44 @@ def switch_aux_loss(logits_TE: torch.Tensor, indices_TK: torch.Tensor, counts_E:
     return num_experts * (fraction_E * mean_probs_E).sum()
 
 
-def cv_squared(x: torch.Tensor) -> torch.Tensor:
-    """Squared coefficient of variation var(x) / (mean(x)^2 + 1e-10)."""
-    return x.float().var(correction=0) / (x.float().mean() ** 2 + 1e-10)
+def cv_squared(x: torch.Tensor, unbiased: bool = False) -> torch.Tensor:
+    """Squared coefficient of variation var(x) / (mean(x)^2 + 1e-10); the population variance, or the
+    unbiased one (LLaMA-MoE's `torch.var`, E/(E-1) times larger)."""
+    return x.float().var(correction=1 if unbiased else 0) / (x.float().mean() ** 2 + 1e-10)
+
+
+def smooth_load(clean_TE: torch.Tensor, noisy_TE: torch.Tensor, noise_std_TE: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Shazeer et al.'s differentiable load [E]: the sum over tokens of P(expert in the top k), each
+    expert's noise redrawn with the others' noisy logits held fixed. An expert in the top k stays
+    there while its logit beats the (k+1)-th largest noisy logit; one outside gets in when it beats
+    the k-th: P = Phi((clean - threshold) / noise_std)."""
+    if top_k >= noisy_TE.shape[1]:
+        return torch.ones_like(clean_TE).sum(dim=0)
+    top_TK1 = noisy_TE.topk(top_k + 1, dim=-1).values
+    threshold_if_in_T1, threshold_if_out_T1 = top_TK1[:, top_k:], top_TK1[:, top_k - 1 : top_k]
+    is_in_TE = noisy_TE > threshold_if_in_T1
+    prob_if_in = torch.special.ndtr((clean_TE - threshold_if_in_T1) / noise_std_TE)
+    prob_if_out = torch.special.ndtr((clean_TE - threshold_if_out_T1) / noise_std_TE)
+    return torch.where(is_in_TE, prob_if_in, prob_if_out).sum(dim=0)
 
 
 def cv_squared_balance_loss(weights_TK: torch.Tensor, indices_TK: torch.Tensor, num_experts: int,
-                            counts_E: torch.Tensor | None = None, group_sum: GroupSum | None = None) -> torch.Tensor:
+                            counts_E: torch.Tensor | None = None, group_sum: GroupSum | None = None,
+                            load_E: torch.Tensor | None = None, unbiased: bool = False) -> torch.Tensor:
     """LLaMA-MoE balance loss CV^2(importance) + CV^2(load).
 
     importance_e = sum of the gate scores given to e (differentiable); load_e = number of tokens
-    sent to e (a count, so only the importance term carries gradient). Under expert parallelism
-    both are the group's (see switch_aux_loss).
+    sent to e (a count, without gradient), or `load_E` given (the smooth load of a noisy gate,
+    differentiable). Under expert parallelism all are the group's (see switch_aux_loss).
     """
     importance_E = torch.zeros(num_experts, dtype=weights_TK.dtype, device=weights_TK.device)
     importance_E = importance_E.scatter_add(0, indices_TK.reshape(-1), weights_TK.reshape(-1))
     if group_sum is not None:
         importance_E = group_sum(importance_E)
-    if counts_E is None:
-        counts_E = expert_counts(indices_TK, num_experts)
-    return cv_squared(importance_E) + cv_squared(counts_E)
+        load_E = group_sum(load_E) if load_E is not None else None
+    if load_E is None:
+        load_E = counts_E if counts_E is not None else expert_counts(indices_TK, num_experts)
+    return cv_squared(importance_E, unbiased) + cv_squared(load_E, unbiased)
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:

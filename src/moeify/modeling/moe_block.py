@@ -13,6 +13,7 @@ from moeify.modeling.losses import (
     expert_counts,
     router_entropy,
     router_z_loss,
+    smooth_load,
     switch_aux_loss,
 )
 from moeify.modeling.router import RouterSpec, TopKRouter
@@ -69,6 +70,9 @@ class MoEBlock(nn.Module):
         self.experts = Experts(num_experts, hidden_size, expert_size, dispatch)
         self.capacity_factor = capacity_factor
         self.balance_loss = balance_loss  # the one balance loss computed in training
+        self.output_scale = 1.0  # a fixed factor on the routed experts' output (the scale held as a multiplier)
+        self.cv2_unbiased = False  # cv2: the unbiased variance (LLaMA-MoE) instead of the population one
+        self.cv2_smooth_load = True  # cv2 with a noisy gate: Shazeer's differentiable load instead of counts
 
     def capacity(self, num_tokens: int) -> int | None:
         """Assignments each expert may take: ceil(CF * T * k / E); None when dropless."""
@@ -91,13 +95,19 @@ class MoEBlock(nn.Module):
         else:  # the balance losses see the whole group's tokens, as one process holding them would
             out = self.experts(x_TD, routing.indices_TK, routing.weights_TK, capacity_factor=self.capacity_factor)
             y_TD, dropped, counts_E, group_sum, tokens = out.y_TD, out.dropped, out.counts_E, parallel.sum, out.tokens
+        if self.output_scale != 1.0:
+            y_TD = y_TD * self.output_scale
         # Inference needs no losses, and at a few tokens their small ops cost as much as the experts.
         balance, z_loss = zero, zero
         if self.training:
             if self.balance_loss == "switch":
                 balance = switch_aux_loss(routing.logits_TE, routing.indices_TK, counts_E, group_sum, tokens)
             elif self.balance_loss == "cv2":
-                balance = cv_squared_balance_loss(routing.weights_TK, routing.indices_TK, E, counts_E, group_sum)
+                smooth = None
+                if self.cv2_smooth_load and routing.noise_std_TE is not None:
+                    smooth = smooth_load(routing.clean_logits_TE, routing.logits_TE, routing.noise_std_TE, self.router.top_k)
+                balance = cv_squared_balance_loss(routing.weights_TK, routing.indices_TK, E, counts_E, group_sum, smooth,
+                                                  self.cv2_unbiased)
             z_loss = router_z_loss(routing.logits_TE)
         return MoEOutput(
             hidden=y_TD.view_as(x_BSD),

@@ -41,6 +41,8 @@ class Routing:
     indices_TK: torch.Tensor  # chosen experts per token
     weights_TK: torch.Tensor  # their mixing weights (fp32)
     logits_TE: torch.Tensor  # router logits (fp32, noisy in training when enabled)
+    clean_logits_TE: torch.Tensor | None = None  # with noise: the logits before it
+    noise_std_TE: torch.Tensor | None = None  # with noise: its standard deviation
 
 
 class TopKRouter(nn.Module):
@@ -65,17 +67,19 @@ class TopKRouter(nn.Module):
         return logits_TE
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
-        logits_TE = self.gate_logits(x_TD)
+        logits_TE = clean_TE = self.gate_logits(x_TD)
+        noise_std_TE = None
         if self.noise_weight is not None and self.training:
             with torch.autocast(x_TD.device.type, enabled=False):
                 noise_std_TE = F.softplus(F.linear(x_TD.float(), self.noise_weight.float())) + NOISE_FLOOR
-            logits_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
+            logits_TE = clean_TE + torch.randn_like(clean_TE) * noise_std_TE
+        noise = (clean_TE, noise_std_TE) if noise_std_TE is not None else (None, None)
         if self.spec.routing == "topk-softmax":
             indices_TK = (logits_TE + self.selection_bias).topk(self.top_k, dim=-1).indices
-            return Routing(indices_TK, logits_TE.gather(1, indices_TK).softmax(dim=-1), logits_TE)
+            return Routing(indices_TK, logits_TE.gather(1, indices_TK).softmax(dim=-1), logits_TE, *noise)
         scores_TE = logits_TE.softmax(dim=-1) if self.spec.routing == "softmax-topk" else logits_TE.sigmoid()
         indices_TK = (scores_TE + self.selection_bias).topk(self.top_k, dim=-1).indices
         weights_TK = scores_TE.gather(1, indices_TK)
         if self.spec.renormalize:
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
-        return Routing(indices_TK, weights_TK, logits_TE)
+        return Routing(indices_TK, weights_TK, logits_TE, *noise)

@@ -7,7 +7,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from moeify.checkpoint.manifest import Manifest
 from moeify.checkpoint.writer import write_checkpoint
-from moeify.modeling.hf import stock_state_dict
+from moeify.modeling.hf import fold_scale, stock_state_dict
 from moeify.train.distributed import DistEnv, barrier
 
 
@@ -19,6 +19,8 @@ def export_stock(model: torch.nn.Module, config, source_dir: Path, out: Path, en
     """
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if env.is_main:
+        if manifest is not None and manifest.scale_placement == "multiplier":
+            state = fold_scale(state, manifest.scale)
         tensors = stock_state_dict(state, config)
         manifest = manifest.replace(training=training) if manifest is not None else None
         write_checkpoint(out, sorted(tensors.items()), config, source_dir, manifest, force=True)

@@ -19,7 +19,7 @@ from moeify.data.prepare import PrepareConfig, prepare, tokenizer_fingerprint
 from moeify.data.sampler import DomainSampler, DynamicWeights, static_weights
 from moeify.errors import MoeifyError
 from moeify.modeling.chunked_loss import install_chunked_loss
-from moeify.modeling.hf import MoEFeedForward
+from moeify.modeling.hf import MoEFeedForward, hold_scale_as_multiplier
 from moeify.modeling.load import load_moe_model
 from moeify.schema import is_given
 from moeify.train.checkpoint import complete_checkpoints, load_checkpoint
@@ -92,6 +92,8 @@ def open_session(config: TrainConfig, construction: ConstructionConfig | None = 
         set_trainable(model, blocks, config.trainable)
         for moe in blocks:
             moe.block.balance_loss = config.balance_loss
+            moe.block.cv2_unbiased = config.cv2_variance == "unbiased"
+            moe.block.cv2_smooth_load = config.cv2_load == "smooth"
         enable_activation_checkpointing(model, config.activation_checkpointing)
         install_chunked_loss(model, config.loss_chunk)
         flops["per_token"] = flops_per_token(model, data.seq_len)
@@ -111,6 +113,10 @@ def open_session(config: TrainConfig, construction: ConstructionConfig | None = 
         model_config = model.config
         model = wrap_model(model, env, layout, dtype, config.reshard_after_forward)
         manifest = Manifest.read(model_dir)
+    if manifest is not None and construction is not None and is_given(construction, "scale_placement", "fold"):
+        manifest = manifest.replace(scale_placement=construction.scale_placement)  # --scale-placement for a built MoE
+    if manifest is not None and manifest.scale_placement == "multiplier" and manifest.scale != 1.0:
+        hold_scale_as_multiplier(blocks, manifest.scale)
     rss_after_build = gather_to_list(round(peak_rss_mb(), 1), env)  # per rank
     if data.meta["tokenizer"]["vocab_size"] > model_config.vocab_size:
         raise MoeifyError(f"the data's vocabulary is larger than {model_dir}'s embedding table; prepare the data with this model")
