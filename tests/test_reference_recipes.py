@@ -186,3 +186,28 @@ def test_the_multiplier_is_folded_back_on_export(tiny_models, tiny_data, tmp_pat
     built, exported = _train_scaled(tiny_models, tiny_data, tmp_path, "multiplier", lr=1e-20)
     for name, tensor in built.items():
         assert torch.allclose(exported[name], tensor, rtol=1e-6, atol=0), name
+
+
+def test_shared_block_by_frequency_or_summed_importance():
+    # 3 groups, 5 neurons, S = 2. Neuron 1 is huge in one group only (sum 100, in 1 top-2); neuron 4
+    # is small but in every group's top-2; neuron 0 is in two. LLaMA-MoE's rule takes {4, 0}; the
+    # summed rule {1, 0}.
+    from moeify.construct.splits import comparable_scores, shared_neurons
+
+    importance = torch.tensor([[5.0, 0, 0, 1, 2], [5.0, 0, 1, 0, 2], [0.0, 100, 0, 0, 2]])
+    assert shared_neurons(importance, 2, "frequency").tolist() == [4, 0]
+    assert sorted(shared_neurons(importance, 2, "summed").tolist()) == [0, 1]
+    shares = comparable_scores(importance[:, None], "share")[:, 0]
+    assert torch.allclose(shares.sum(dim=1), torch.ones(3)) and torch.equal(comparable_scores(importance, "raw"), importance)
+
+
+def test_the_multiplier_survives_resume(tiny_models, tiny_data, tmp_path):
+    from moeify.build import build, build_config
+
+    moe = build(build_config(model=str(tiny_models["llama"]), out=tmp_path / "moe", method="random-split", num_experts=4, top_k=2,
+                             scale=3.0, scale_placement="multiplier", router_std=0.1), progress=False)
+    settings = dict(max_tokens=8 * 32 * 4, checkpoint_every=2)
+    full = train(train_config(moe, tiny_data, tmp_path / "full", **settings), progress=False).losses
+    train(train_config(moe, tiny_data, tmp_path / "split", **settings), progress=False, stop_after_steps=2)
+    resumed = train(train_config(moe, tiny_data, tmp_path / "split", resume=True, **settings), progress=False).losses
+    assert resumed == full[2:]

@@ -43,6 +43,11 @@ class SplitOptions:
     """Neurons per routed expert (sharing methods; default: what tiles the FFN)."""
     shared_size: int | None = None
     """Neurons of the always-active shared expert (random-split, sharing-inter)."""
+    importance_scores: Literal["share", "raw"] = "share"
+    """Gradient methods: compare each group's importance as its share of the group's total, or raw (LLaMA-MoE)."""
+    shared_selection: Literal["summed", "frequency"] = "summed"
+    """sharing-inter: the shared neurons are those with the highest importance summed over groups, or
+    those in the most groups' top-S (LLaMA-MoE; ties by summed importance)."""
 
 
 @dataclass

@@ -153,6 +153,25 @@ def greedy_assign(scores_GF: torch.Tensor, capacity: int) -> torch.Tensor:
     return torch.tensor(members)
 
 
+def comparable_scores(importance_GLF: torch.Tensor, mode: str) -> torch.Tensor:
+    """Importance as compared across groups: each group's share of its own total per layer, or raw."""
+    if mode == "raw":
+        return importance_GLF
+    return importance_GLF / importance_GLF.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+
+
+def shared_neurons(importance_GF: torch.Tensor, size: int, selection: str) -> torch.Tensor:
+    """Sharing-Inter's shared block: the `size` neurons with the highest summed importance, or those
+    in the most groups' top-`size` (ties broken by summed importance)."""
+    summed_F = importance_GF.sum(dim=0)
+    if selection == "summed":
+        return summed_F.topk(size).indices
+    in_top_F = torch.zeros_like(summed_F).index_add_(0, importance_GF.topk(size, dim=1).indices.flatten(),
+                                                      torch.ones(importance_GF.shape[0] * size, dtype=summed_F.dtype))
+    order = torch.from_numpy(np.lexsort((-summed_F.numpy(), -in_top_F.numpy())))  # by count, then by sum
+    return order[:size]
+
+
 class _GradientSplit(_Split):
     """Importance per calibration group of every neuron: sum of |h * dL/dh| over the group's tokens.
     Groups: the domains when there are exactly E of them, else a balanced k-means of the blocks."""
@@ -164,9 +183,7 @@ class _GradientSplit(_Split):
         data = _load_calibration(dense, options, self.name, calib.min_blocks(E))
         model = calib.load_dense_model(dense.path)
         groups_N, grouping = calib.calibration_groups(model, data, E, options.seed)
-        importance_GLF = calib.gradient_importance(model, data, groups_N, E)
-        # Scores compared across groups are each group's share of its total importance.
-        importance_GLF = importance_GLF / importance_GLF.sum(dim=2, keepdim=True).clamp_min(1e-30)
+        importance_GLF = comparable_scores(calib.gradient_importance(model, data, groups_N, E), options.split.importance_scores)
         experts, shared = [], []
         for layer in range(dense.num_layers):
             routed, common = self.split_layer(importance_GLF[:, layer], dense.ffn_size, options)
@@ -216,7 +233,7 @@ class SharingInter(_GradientSplit):
 
     def split_layer(self, importance_GF: torch.Tensor, ffn_size: int, options: ConstructionConfig) -> tuple[torch.Tensor, torch.Tensor]:
         shared_size, size = self.shared_size(ffn_size, options), self.expert_size(ffn_size, options)
-        shared = importance_GF.sum(dim=0).topk(shared_size).indices
+        shared = shared_neurons(importance_GF, shared_size, options.split.shared_selection)
         rest = torch.ones(ffn_size, dtype=torch.bool)
         rest[shared] = False
         remaining = rest.nonzero().squeeze(1)
