@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 from moeify.checkpoint.formats import MoEFeatures, choose_format
 from moeify.construct.config import check_routing
 from moeify.errors import MoeifyError
+from moeify.modeling import canonical as C
 from moeify.modeling.hf import attach_moe_blocks
 from moeify.schema import at_least, validate
 from moeify.train.parallelize import Layout, check_experts, check_layout, shard_dim
@@ -30,7 +31,7 @@ KNOWN_MODELS = {
     "llama-3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
 }
-EXPERT_TENSORS = ("block.experts.gate_up_proj", "block.experts.down_proj")
+EXPERT_TENSORS = (C.GATE_UP, C.DOWN)  # relative to model.layers.L.mlp.
 GIB = 1024**3
 
 

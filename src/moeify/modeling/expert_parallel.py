@@ -20,6 +20,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
+from moeify.modeling.expert_mlp import expert_mlp
+from moeify.modeling.losses import arrival_order, expert_counts
+
 
 @dataclass(frozen=True)
 class ExpertParallel:
@@ -64,17 +67,19 @@ def kept_counts(counts_RKE: torch.Tensor, capacity: torch.Tensor | int | None) -
     return (capacity - before_KRE).clamp(min=0).minimum(counts_RKE)
 
 
-def expert_parallel_forward(experts, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
-                            capacity_factor: float | None, parallel: ExpertParallel, use_grouped_mm: bool) -> Dispatched:
+def expert_parallel_forward(x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor, gate_up: torch.Tensor,
+                            down: torch.Tensor, num_experts: int, capacity_factor: float | None, parallel: ExpertParallel,
+                            use_grouped_mm: bool) -> Dispatched:
+    """x_TD and this rank's expert weights (gate_up, down) in the compute dtype."""
     T, K = indices_TK.shape
-    E = experts.num_experts
+    E = num_experts
     local = parallel.local_experts(E)
     L = len(local)
     # Assignments in choice-major order a = c*T + t (the priority order within this rank).
     expert_A = indices_TK.t().reshape(-1)
     choice_A = torch.arange(K, device=x_TD.device).repeat_interleave(T)
-    counts_KE = torch.zeros(K, E, dtype=torch.long, device=x_TD.device)
-    counts_KE.index_put_((choice_A, expert_A), torch.ones_like(expert_A), accumulate=True)
+    block_A = choice_A * E + expert_A  # the (choice, expert) block of each assignment
+    counts_KE = expert_counts(block_A, K * E).view(K, E)
     counts_RKE = parallel.all_gather(counts_KE)
     tokens = counts_RKE.sum() // K
     capacity = None
@@ -82,13 +87,9 @@ def expert_parallel_forward(experts, x_TD: torch.Tensor, indices_TK: torch.Tenso
         capacity = torch.ceil(capacity_factor * tokens.double() * K / E).long()
     kept_RKE = kept_counts(counts_RKE, capacity)
 
-    # Position of each assignment within its (choice, expert) block on this rank, in token order.
-    block_A = choice_A * E + expert_A
-    order_A = block_A.argsort(stable=True)
-    block_counts = counts_KE.reshape(-1)
-    starts = block_counts.cumsum(0) - block_counts
-    position_A = torch.empty_like(order_A).scatter_(0, order_A, torch.arange(K * T, device=x_TD.device) - starts[block_A[order_A]])
-    keep_A = position_A < kept_RKE[parallel.rank].reshape(-1)[block_A]
+    # An assignment is kept if its position in its (choice, expert) block, in token order, is within
+    # what the block keeps.
+    keep_A = arrival_order(block_A, K * E) < kept_RKE[parallel.rank].reshape(-1)[block_A]
 
     # Send order: by destination expert (so by destination rank), dropped assignments last and unsent.
     send_order = torch.where(keep_A, expert_A, E).argsort(stable=True)
@@ -106,9 +107,8 @@ def expert_parallel_forward(experts, x_TD: torch.Tensor, indices_TK: torch.Tenso
     flat_counts = torch.tensor([c for row in received_RL for c in row], device=x_TD.device)
     expert_of_row = torch.arange(L, device=x_TD.device).repeat(parallel.size).repeat_interleave(flat_counts, output_size=sum(output_splits))
     by_expert = expert_of_row.argsort(stable=True)
-    local_counts = [sum(row[e] for row in received_RL) for e in range(L)]
-    gate_up, down = experts.local_weights(x_TD.dtype)  # x_TD is already in the compute dtype
-    y_sorted = experts.expert_mlp(x_recv.index_select(0, by_expert), gate_up, down, local_counts, use_grouped_mm)
+    local_counts = torch.tensor([sum(row[e] for row in received_RL) for e in range(L)], device=x_TD.device)
+    y_sorted = expert_mlp(x_recv.index_select(0, by_expert), gate_up, down, local_counts, use_grouped_mm)
     y_recv = torch.empty_like(y_sorted).index_copy(0, by_expert, y_sorted)
     y_back = funcol.all_to_all_single_autograd(y_recv, input_splits, output_splits, parallel.group)
 

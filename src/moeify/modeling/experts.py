@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from moeify.modeling.expert_loop import ExpertLoop
+from moeify.modeling.expert_mlp import expert_mlp
 from moeify.modeling.expert_parallel import Dispatched, ExpertParallel, expert_parallel_forward
 from moeify.modeling.grouped_mm import grouped_mm, grouped_mm_supported
 from moeify.modeling.losses import expert_counts
@@ -61,16 +61,6 @@ class Experts(nn.Module):
         self.last_dispatch = dispatch
         return dispatch
 
-    @staticmethod
-    def expert_mlp(x_AD: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: list[int],
-                   use_grouped_mm: bool) -> torch.Tensor:
-        """Rows grouped by expert (counts[e] rows for expert e) through their expert's SwiGLU."""
-        if not use_grouped_mm or not sum(counts):  # the loop's backward gives zero weight gradients for no rows
-            return ExpertLoop.apply(x_AD, gate_up, down, counts)
-        offs_E = torch.tensor(counts, device=x_AD.device).cumsum(0).to(torch.int32)
-        gate_AF, up_AF = grouped_mm(x_AD, gate_up.transpose(-2, -1), offs_E).chunk(2, dim=-1)
-        return grouped_mm(F.silu(gate_AF) * up_AF, down.transpose(-2, -1), offs_E)
-
     def forward(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor, capacity: int | None = None,
                 rank_TK: torch.Tensor | None = None, capacity_factor: float | None = None) -> torch.Tensor | Dispatched:
         """Sum over the k chosen experts of weight * expert(x), for each token.
@@ -80,12 +70,15 @@ class Experts(nn.Module):
         Under expert parallelism (`self.parallel` set) the capacity comes from `capacity_factor` over
         the group's tokens, and the result is a Dispatched (outputs and the group's counts). Either
         way the call goes through __call__, where FSDP2 gathers the parameters."""
-        if self.parallel is not None:
-            return self._forward_parallel(x_TD, indices_TK, weights_TK, capacity_factor)
         dtype = compute_dtype(x_TD)
         x, (gate_up, down) = x_TD.to(dtype), self.local_weights(dtype)
         dispatch = self.resolve_dispatch(x, gate_up, down)
         with torch.autocast(x_TD.device.type, enabled=False):
+            if self.parallel is not None:  # tokens go to the ranks holding their experts (modeling/expert_parallel.py)
+                out = expert_parallel_forward(x, indices_TK, weights_TK, gate_up, down, self.num_experts, capacity_factor,
+                                              self.parallel, dispatch == "grouped_mm")
+                out.y_TD = out.y_TD.to(x_TD.dtype)
+                return out
             if dispatch == "reference":
                 if capacity is not None:
                     weights_TK = weights_TK * (rank_TK < capacity)
@@ -96,18 +89,6 @@ class Experts(nn.Module):
                 y = self._forward_sorted(x, indices_TK, weights_TK, gate_up, down, dispatch == "grouped_mm")
         return y.to(x_TD.dtype)
 
-    def _forward_parallel(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
-                         capacity_factor: float | None) -> Dispatched:
-        """Expert parallelism (modeling/expert_parallel.py): tokens go to the ranks holding their experts."""
-        dtype = compute_dtype(x_TD)
-        x = x_TD.to(dtype)
-        gate_up, down = self.local_weights(dtype)
-        use_grouped_mm = self.resolve_dispatch(x, gate_up, down) == "grouped_mm"
-        with torch.autocast(x_TD.device.type, enabled=False):
-            out = expert_parallel_forward(self, x, indices_TK, weights_TK, capacity_factor, self.parallel, use_grouped_mm)
-        out.y_TD = out.y_TD.to(x_TD.dtype)
-        return out
-
     def _forward_sorted(self, x_TD, indices_TK, weights_TK, gate_up, down, use_grouped_mm: bool) -> torch.Tensor:
         # Dropless: every (token, expert) assignment is computed, grouped by expert.
         K = indices_TK.shape[1]
@@ -117,16 +98,7 @@ class Experts(nn.Module):
         # index_select, not x[token_A]: its backward is index_add_, far cheaper than index_put_ on CPU.
         x_AD = x_TD.index_select(0, token_A)
         weight_A1 = weights_TK.reshape(-1)[order_A, None].to(x_TD.dtype)
-        counts_E = expert_counts(indices_TK, self.num_experts)
-        if use_grouped_mm:
-            offs_E = counts_E.cumsum(0).to(torch.int32)
-            h_AF2 = grouped_mm(x_AD, gate_up.transpose(-2, -1), offs_E)
-            gate_AF, up_AF = h_AF2.chunk(2, dim=-1)
-            # The mixing weight scales the activation before the down projection: same result,
-            # on A x F elements instead of A x D.
-            y_AD = grouped_mm(F.silu(gate_AF) * up_AF * weight_A1, down.transpose(-2, -1), offs_E)
-        else:
-            y_AD = ExpertLoop.apply(x_AD, gate_up, down, counts_E.tolist()) * weight_A1
+        y_AD = expert_mlp(x_AD, gate_up, down, expert_counts(indices_TK, self.num_experts), use_grouped_mm, weight_A1)
         return torch.zeros_like(x_TD).index_add_(0, token_A, y_AD)
 
     def _forward_capacity(self, x_TD, indices_TK, weights_TK, rank_TK, capacity: int, gate_up, down,

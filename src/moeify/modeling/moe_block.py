@@ -9,6 +9,7 @@ from torch import nn
 
 from moeify.modeling.experts import Dispatch, Experts
 from moeify.modeling.losses import (
+    arrival_order,
     cv_squared_balance_loss,
     expert_counts,
     router_entropy,
@@ -38,12 +39,7 @@ def capacity_ranks(indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     Priority (GShard): every token's first choice before any second choice; within a choice
     rank, earlier tokens first. Static shapes throughout: no host sync.
     """
-    flat_A = indices_TK.t().reshape(-1)  # choice-major order
-    order_A = flat_A.argsort(stable=True)
-    counts_E = expert_counts(indices_TK, num_experts)
-    starts_E = counts_E.cumsum(0) - counts_E
-    rank_sorted_A = torch.arange(flat_A.numel(), device=flat_A.device) - starts_E[flat_A[order_A]]
-    rank_A = torch.empty_like(rank_sorted_A).scatter_(0, order_A, rank_sorted_A)
+    rank_A = arrival_order(indices_TK.t().reshape(-1), num_experts)  # in choice-major order
     return rank_A.view(indices_TK.shape[1], -1).t()
 
 
