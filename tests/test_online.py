@@ -130,6 +130,8 @@ CONSTRUCTIONS = {
     "drop-upcycle": (None, ["--method", "drop-upcycle", "--drop-ratio", "0.25"], "MixtralForCausalLM"),
     "named-format": (None, ["--method", "upcycle", "--format", "qwen2_moe", "--routing", "softmax-topk", "--no-renormalize"],
                      "Qwen2MoeForCausalLM"),
+    "carve": (["--method", "carve", "--calibration", "embedded", "--calibration-tokens", "1024", "--calibration-seq-len", "64",
+               "--routing", "sigmoid-topk", "--balance-bias"], ["--routing", "sigmoid-topk"], "Glm4MoeForCausalLM"),
     "sigmoid-mlp-gate": (["--method", "random-split", "--shared-size", "16"],
                          ["--routing", "sigmoid-topk", "--no-renormalize", "--gate", "mlp"], "Glm4MoeForCausalLM"),
 }

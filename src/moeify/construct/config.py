@@ -9,7 +9,7 @@ from moeify.errors import MoeifyError
 from moeify.modeling.router import RouterSpec
 from moeify.schema import at_least, fraction, is_given, positive, replace_flat, to_flat
 
-RouterInit = Literal["auto", "normal", "virtual-group", "centroids"]
+RouterInit = Literal["auto", "normal", "virtual-group", "centroids", "fitted"]
 
 
 @dataclass
@@ -29,7 +29,7 @@ class RouterOptions:
     router_std: float = 0.02
     """Router initialised N(0, router_std); 0 gives zeros (uniform routing)."""
     router_init: RouterInit = "auto"
-    """auto | normal | virtual-group (granular-upcycle) | centroids (clustering)."""
+    """auto | normal | virtual-group (granular-upcycle) | centroids (clustering) | fitted (carve)."""
 
     def spec(self) -> RouterSpec:
         # top-k-then-softmax is renormalised by construction, whatever the flag says.
@@ -84,6 +84,30 @@ class ClusteringOptions:
 
 
 @dataclass
+class CarveOptions:
+    RANGES: ClassVar[dict] = {"activation_ratio": fraction(low_inclusive=False, high_inclusive=False), "pattern_dims": at_least(0),
+                              "router_ridge": at_least(0), "recovery_steps": at_least(0), "recovery_lr": positive()}
+    activation_ratio: float | None = None
+    """carve: active FFN neurons per token (k experts + shared) over F; decides the shared size
+    (compare-init: every method compared at this ratio)."""
+    shared_by: Literal["contribution", "rate"] = "contribution"
+    """carve: shared neurons by mean squared contribution |h| ||down||, or CMoE's activation rate."""
+    pattern_dims: int = 2048
+    """carve: random projection of the neurons' activation patterns before k-means (0: none)."""
+    router_ridge: float = 0.01
+    """carve: ridge of the router's least-squares fit, relative to the mean diagonal of X^T X."""
+    expert_scales: bool = True
+    """carve: fit a per-expert output factor by least squares on the dense FFN output."""
+    balance_bias: bool = False
+    """carve: a selection bias that evens the calibration load (needs --routing sigmoid-topk)."""
+    recovery_steps: int = 0
+    """carve: router-only recovery, Adam steps per layer teaching the router the choice that best rebuilds the
+    dense FFN output (0: training-free)."""
+    recovery_lr: float = 0.05
+    """carve: recovery learning rate (relative to the router's mean |entry|)."""
+
+
+@dataclass
 class CalibrationOptions:
     RANGES: ClassVar[dict] = {"calibration_tokens": at_least(1), "calibration_seq_len": at_least(2),
                               "graph_density": fraction(low_inclusive=False)}
@@ -120,6 +144,7 @@ class ConstructionConfig:
     split: SplitOptions = field(default_factory=SplitOptions)
     upcycle: UpcycleOptions = field(default_factory=UpcycleOptions)
     clustering: ClusteringOptions = field(default_factory=ClusteringOptions)
+    carve: CarveOptions = field(default_factory=CarveOptions)
     data: CalibrationOptions = field(default_factory=CalibrationOptions)
 
     @property
@@ -132,7 +157,7 @@ class ConstructionConfig:
 
 
 # The leaves a partition file records and replaces: the method and its options (not the router).
-PARTITION_GROUPS = ("split", "upcycle", "clustering", "data")
+PARTITION_GROUPS = ("split", "upcycle", "clustering", "carve", "data")
 PARTITION_ROOT_KEYS = ("method", "num_experts", "seed")
 PARTITION_KEYS = frozenset(PARTITION_ROOT_KEYS).union(*(to_flat(getattr(ConstructionConfig(), group)) for group in PARTITION_GROUPS))
 

@@ -20,6 +20,7 @@ class ConstructionMethod:
     description: str = ""
     needs_calibration: bool = False
     layerwise: bool = True  # computes each layer alone, from the options only
+    scale_from_options: bool = False  # the default scale of a saved partition is the method's rule, not its sizes
     router_inits: tuple[str, ...] = ("normal",)  # what --router-init may choose ("auto" picks default_router_init)
 
     def check(self, ffn_size: int, options: ConstructionConfig) -> None:

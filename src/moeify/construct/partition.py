@@ -2,7 +2,8 @@
 
 A partition is a safetensors file: per layer `layers.L.experts` int32 [E, S] (sorted neuron indices
 per expert), `layers.L.shared` int32 [S0] (the always-active block, possibly empty) and, for
-clustering, `layers.L.centroids` fp32 [E, D]; the header metadata holds the method, its options
+clustering, `layers.L.centroids` fp32 [E, D]; for carving, `layers.L.router` fp32 [E, D] (the fitted router rows),
+`layers.L.selection_bias` fp32 [E] and `layers.L.expert_scales` fp32 [E] (output factors); the header metadata holds the method, its options
 and a fingerprint of the dense model. Written deterministically (same inputs, same bytes).
 """
 
@@ -19,6 +20,7 @@ from moeify.checkpoint.writer import write_safetensors
 from moeify.errors import MoeifyError
 
 FORMAT = "moeify-partition/2"
+OPTIONAL_TENSORS = ("centroids", "router", "selection_bias", "expert_scales")  # fp32 per-layer tensors some methods add
 
 
 def model_fingerprint(dense: DenseCheckpoint) -> dict:
@@ -41,6 +43,9 @@ class Partition:
     options: dict = field(default_factory=dict)  # the method options it was made with (construct.config.method_options)
     stats: dict = field(default_factory=dict)  # per-layer statistics (k-means objective, METIS edge cut, grouping)
     centroids: list[torch.Tensor] | None = None  # per layer [E, D], clustering only
+    router: list[torch.Tensor] | None = None  # per layer [E, D] fitted router rows (carve)
+    selection_bias: list[torch.Tensor] | None = None  # per layer [E] (carve)
+    expert_scales: list[torch.Tensor] | None = None  # per layer [E] output factors (carve)
 
     @property
     def num_layers(self) -> int:
@@ -51,8 +56,10 @@ class Partition:
         for layer in range(self.num_layers):
             tensors[f"layers.{layer}.experts"] = self.experts[layer].to(torch.int32).contiguous()
             tensors[f"layers.{layer}.shared"] = self.shared[layer].to(torch.int32).contiguous()
-            if self.centroids is not None:
-                tensors[f"layers.{layer}.centroids"] = self.centroids[layer].float().contiguous()
+            for name in OPTIONAL_TENSORS:
+                values = getattr(self, name)
+                if values is not None:
+                    tensors[f"layers.{layer}.{name}"] = values[layer].float().contiguous()
         header = {"format": FORMAT, "method": self.method, "num_experts": self.num_experts, "expert_size": self.expert_size,
                   "shared_size": self.shared_size, "model": self.model, "options": self.options, "stats": self.stats}
         path = Path(path)
@@ -79,12 +86,12 @@ class Partition:
                 layers = header["model"]["num_layers"]
                 experts = [f.get_tensor(f"layers.{i}.experts").long() for i in range(layers)]
                 shared = [f.get_tensor(f"layers.{i}.shared").long() for i in range(layers)]
-                centroids = ([f.get_tensor(f"layers.{i}.centroids") for i in range(layers)]
-                             if "layers.0.centroids" in f.keys() else None)
+                optional = {name: [f.get_tensor(f"layers.{i}.{name}") for i in range(layers)]
+                            for name in OPTIONAL_TENSORS if f"layers.0.{name}" in f.keys()}
         except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as error:
             raise MoeifyError(f"cannot read partition file {path} ({error}); make it again with `moeify split`") from None
         return cls(header["method"], header["num_experts"], header["expert_size"], header["shared_size"], experts, shared,
-                   header["model"], header["options"], header.get("stats", {}), centroids)
+                   header["model"], header["options"], header.get("stats", {}), **optional)
 
     def check_model(self, dense: DenseCheckpoint, source: str) -> None:
         """Refuse a partition made from another model."""

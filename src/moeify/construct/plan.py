@@ -30,7 +30,7 @@ class ConstructionPlan:
     ffn_size: int
     partition: Partition | None
     scale: float
-    router_init: str  # resolved: normal | virtual-group | centroids
+    router_init: str  # resolved: normal | virtual-group | centroids | fitted
 
     @classmethod
     def make(cls, dense: DenseCheckpoint, config: ConstructionConfig, source: str = "MODEL", progress: bool = True,
@@ -92,7 +92,7 @@ class ConstructionPlan:
         return MoEFeatures(self.config.router.spec(), self.shared_size)
 
     def _default_scale(self) -> float:
-        if self.partition is not None and not self.method.layerwise:
+        if self.partition is not None and not self.method.layerwise and not self.method.scale_from_options:
             return (self.ffn_size - self.shared_size) / (self.top_k * self.expert_size)
         return self.method.default_scale(self.ffn_size, self.config, self.top_k, self.config.router.spec())
 
@@ -105,6 +105,8 @@ class ConstructionPlan:
                               f"virtual-group: --method granular-upcycle)")
         if init == "centroids" and (self.partition is None or self.partition.centroids is None):
             raise MoeifyError("--router-init centroids needs a clustering partition with centroids; make it with `moeify split --method clustering`")
+        if init == "fitted" and (self.partition is None or self.partition.router is None):
+            raise MoeifyError("--router-init fitted needs a carve partition with router rows; make it with `moeify split --method carve`")
         return init
 
     def manifest(self, dense: DenseCheckpoint, source: str, architecture: str, format_name: str) -> Manifest:
@@ -136,10 +138,12 @@ class ConstructionPlan:
     def router_weight(self, layer: int, hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
         """Router weight [E, D]: N(0, std) (zeros when std is 0); virtual-group repeats E/G rows G
         times, so the G slices of one FFN copy are always chosen together; centroids uses the
-        clustering centroids (mean normalised rows of each expert)."""
+        clustering centroids (mean normalised rows of each expert); fitted, carve's router rows."""
         E, std = self.num_experts, self.config.router.router_std
         if self.router_init == "centroids":
             return self.partition.centroids[layer].to(dtype)
+        if self.router_init == "fitted":
+            return self.partition.router[layer].to(dtype)
         if std == 0:
             return torch.zeros(E, hidden_size, dtype=dtype)
         G = self.config.upcycle.granularity if self.router_init == "virtual-group" else 1
@@ -154,15 +158,23 @@ class ConstructionPlan:
         generator = layer_generator(self.config.seed, layer, MLP_GATE_STREAM)
         return (torch.randn(self.num_experts, self.num_experts, generator=generator) * self.config.router.router_std).to(dtype)
 
+    def selection_bias(self, layer: int) -> torch.Tensor:
+        """fp32 [E]: zeros, or the balancing bias a carve partition computed."""
+        if self.partition is not None and self.partition.selection_bias is not None:
+            return self.partition.selection_bias[layer].float().clone()
+        return torch.zeros(self.num_experts)
+
     def layer(self, dense: DenseCheckpoint, layer: int) -> MoELayer:
         """Layer `layer`'s canonical MoE tensors; experts are made when asked for (LazyExperts)."""
         dense_ffn = FFNWeights(*dense.ffn(layer))
         experts_ES, shared_S = self.neurons(layer)
         dtype = dense_ffn.gate.dtype
+        factors = self.partition.expert_scales[layer].tolist() if self.partition is not None and self.partition.expert_scales else None
 
         def make_expert(expert: int) -> FFNWeights:
             perturbed = FFNWeights(*self.method.perturb((dense_ffn.gate, dense_ffn.up, dense_ffn.down), self.config, layer, expert))
-            return expert_weights(perturbed, experts_ES[expert], self.scale, self.config.upcycle.weight_scaling == "megatron")
+            scale = self.scale * factors[expert] if factors is not None else self.scale
+            return expert_weights(perturbed, experts_ES[expert], scale, self.config.upcycle.weight_scaling == "megatron")
 
         mlp_out = None
         if self.config.router.gate == "mlp":
@@ -171,7 +183,7 @@ class ConstructionPlan:
             router=self.router_weight(layer, dense.hidden_size, dtype),
             experts=LazyExperts(self.num_experts, make_expert),
             router_mlp_out=mlp_out,
-            selection_bias=torch.zeros(self.num_experts),
+            selection_bias=self.selection_bias(layer),
             shared=expert_weights(dense_ffn, shared_S, 1.0) if len(shared_S) else None,
         )
 
