@@ -12,14 +12,17 @@ pytestmark = pytest.mark.slow
 
 
 def test_quickstart_numbers_are_sane(tmp_path):
-    rows = quickstart(QuickstartConfig(work_dir=tmp_path, eval_tokens=512, train_tokens=4096))
-    dense, upcycled, split, trained = rows
+    rows = quickstart(QuickstartConfig(work_dir=tmp_path, eval_tokens=512, train_tokens=4096, calibration_tokens=4096))
+    dense, upcycled, carved, split, trained = rows
     # Copy-upcycling reproduces the dense model on real text, after a reload with stock transformers.
     assert upcycled.max_abs_logit_diff is not None and upcycled.max_abs_logit_diff <= 1e-4
     assert abs(upcycled.perplexity - dense.perplexity) < 1e-3 * dense.perplexity
     assert upcycled.completion == dense.completion and "Paris" in dense.completion
     assert 5 < dense.perplexity < 50
     assert math.isfinite(split.perplexity) and split.perplexity > dense.perplexity
+    # Carving at 50% activation keeps a language model without training; the random split does not.
+    assert dense.perplexity < carved.perplexity < 4 * dense.perplexity < split.perplexity / 100
+    assert carved.active_params < upcycled.active_params and carved.total_params < 1.1 * dense.total_params
     # 8 experts top-2: the copies multiply the FFN by 8 but each token uses 2 of them.
     assert upcycled.total_params > 5 * dense.total_params and upcycled.active_params < 2 * dense.active_params
     assert split.total_params - dense.total_params == 30 * 8 * 576  # the routers
@@ -27,7 +30,7 @@ def test_quickstart_numbers_are_sane(tmp_path):
     assert trained.perplexity < split.perplexity / 10
     assert (tmp_path / "random-split-cpt" / "metrics.jsonl").is_file()
     table = format_rows(rows, "p")
-    assert "upcycle 8x top-2" in table and "random-split 8/top-2 s=4" in table
+    assert "upcycle 8x top-2" in table and "random-split 8/top-2 s=4" in table and "carve 12/top-4+shared (50% active)" in table
 
 
 def test_inspect_smollm2(capsys):

@@ -19,7 +19,7 @@ from moeify.checkpoint.dense import DenseCheckpoint
 from moeify.checkpoint.manifest import Manifest
 from moeify.checkpoint.resolve import resolve_model
 from moeify.construct import ConstructionConfig, get_method
-from moeify.construct.carve import activation_ratio
+from moeify.construct.carve import activation_ratio, shape_at_ratio
 from moeify.construct.methods import GranularUpcycle, Upcycle
 from moeify.data.embedded import pydoc_topics
 from moeify.data.text import load_tokenizer, tokenize_joined
@@ -82,16 +82,8 @@ def arms(config: CompareInitConfig, base: ConstructionConfig, ffn_size: int) -> 
         if name == CARVE_RECOVERY and not base.carve.recovery_steps:
             settings["recovery_steps"] = RECOVERY_STEPS
         if ratio is not None:
-            blocks = config.blocks
-            active = ratio * blocks
-            if ffn_size % blocks or abs(active - round(active)) > 1e-9:
-                raise MoeifyError(f"--activation-ratio {ratio:g} of --blocks {blocks} is {active:g} blocks and the FFN has {ffn_size} "
-                                  f"neurons: choose blocks that divide {ffn_size} and a ratio that is a whole number of them "
-                                  f"(e.g. --blocks 16 with 0.25, 0.5 or 0.75)")
-            active = round(active)
-            shared = active // 2 if method in SHARED_METHODS else 0
-            settings.update(num_experts=blocks - shared, top_k=active - shared, shared_size=shared * ffn_size // blocks,
-                            activation_ratio=None)
+            shape = shape_at_ratio(ffn_size, ratio, config.blocks, method in SHARED_METHODS)
+            settings.update(num_experts=shape.num_experts, top_k=shape.top_k, shared_size=shape.shared_size, activation_ratio=None)
         out[name] = replace_flat(base, **settings)
     return out
 
@@ -137,8 +129,10 @@ def compare_init(config: CompareInitConfig, progress: bool = True) -> list[dict]
                 print(f"[compare-init] {name}: held-out perplexity {scores.perplexity:.2f}{built}", file=sys.stderr, flush=True)
             if name != "dense":  # the MoE checkpoints are large; the table, JSON and chart stay
                 shutil.rmtree(path)
-        settings = {"model": config.model, "num_experts": base.num_experts, "top_k": base.top_k, "seed": base.seed,
-                    "activation_ratio": base.carve.activation_ratio, "blocks": config.blocks if base.carve.activation_ratio else None,
+        at_ratio = base.carve.activation_ratio is not None  # then each row has its own experts and top-k
+        settings = {"model": config.model, "num_experts": None if at_ratio else base.num_experts,
+                    "top_k": None if at_ratio else base.top_k, "seed": base.seed,
+                    "activation_ratio": base.carve.activation_ratio, "blocks": config.blocks if at_ratio else None,
                     "calibration": base.data.calibration, "calibration_tokens": base.data.calibration_tokens,
                     "eval_tokens": int(blocks.numel()), "heldout": "Python help topics (held out)"}
         (tmp / "compare-init.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")

@@ -1,7 +1,8 @@
 """`moeify quickstart`: the main job on the embedded default model.
 
-Builds an upcycled and a random-split MoE, reloads each with stock transformers, and compares them
-with the dense model on held-out text that ships with Python.
+Builds an upcycled MoE, a carved one (training-free, from calibration activations) and a random split
+(LLaMA-MoE's baseline, before and after a little continual pre-training), reloads each with stock
+transformers, and compares them with the dense model on held-out text that ships with Python.
 """
 
 import sys
@@ -14,22 +15,25 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moeify.build import BuildConfig, build
+from moeify.checkpoint.dense import DenseCheckpoint
 from moeify.checkpoint.resolve import DEFAULT_MODEL, cache_dir, resolve_model
 from moeify.construct import ConstructionConfig
-from moeify.construct.config import RouterOptions
+from moeify.construct.carve import shape_at_ratio
+from moeify.construct.config import CalibrationOptions, RouterOptions, SplitOptions
 from moeify.data.embedded import pydoc_topics
 from moeify.data.text import load_tokenizer, tokenize_joined
 from moeify.evaluate.generate import greedy, prompt_ids
 from moeify.evaluate.params import parameter_counts
 from moeify.evaluate.scoring import blocks_of, score_blocks
-from moeify.schema import at_least, positive
+from moeify.schema import at_least, fraction, positive
 
 
 @dataclass
 class QuickstartConfig:
     RANGES: ClassVar[dict] = {"num_experts": at_least(1), "top_k": at_least(1), "split_scale": positive(), "eval_tokens": at_least(1),
                               "block_size": at_least(2), "max_new_tokens": at_least(1), "train_tokens": at_least(0),
-                              "train_seq_len": at_least(2), "train_lr": positive()}
+                              "train_seq_len": at_least(2), "train_lr": positive(), "carve_ratio": fraction(high_inclusive=False),
+                              "carve_blocks": at_least(2), "calibration_tokens": at_least(1)}
     model: str = DEFAULT_MODEL
     """Dense model (default: the embedded SmolLM2-135M-Instruct)."""
     work_dir: Path = field(default_factory=lambda: cache_dir() / "quickstart")
@@ -40,6 +44,12 @@ class QuickstartConfig:
     """Experts per token k."""
     split_scale: float | None = None
     """Output scale of the random split; default E/k."""
+    carve_ratio: float = 0.5
+    """Active fraction of the FFN in the carved MoE (0 skips it)."""
+    carve_blocks: int = 16
+    """The carved FFN is cut into this many blocks: carve_ratio x blocks active, half of them shared."""
+    calibration_tokens: int = 16_384
+    """Calibration tokens (embedded corpus) the carve reads."""
     eval_tokens: int = 1024
     """Held-out tokens scored."""
     block_size: int = 256
@@ -89,13 +99,21 @@ def quickstart(config: QuickstartConfig) -> list[Row]:
             config.model, config.work_dir / "upcycle", force=True,
             construction=ConstructionConfig("upcycle", config.num_experts, config.seed, router=RouterOptions(config.top_k)),
         ),
-        f"random-split {config.num_experts}/top-{config.top_k} s={config.split_scale:g}": BuildConfig(
-            config.model, config.work_dir / "random-split", force=True,
-            construction=ConstructionConfig("random-split", config.num_experts, config.seed, config.split_scale,
-                                            router=RouterOptions(config.top_k)),
-        ),
     }
-    split_name = list(builds)[-1]
+    if config.carve_ratio > 0:
+        shape = shape_at_ratio(DenseCheckpoint(dense_dir).ffn_size, config.carve_ratio, config.carve_blocks, with_shared=True)
+        builds[f"carve {shape.num_experts}/top-{shape.top_k}+shared ({config.carve_ratio:.0%} active)"] = BuildConfig(
+            config.model, config.work_dir / "carve", force=True,
+            construction=ConstructionConfig("carve", shape.num_experts, config.seed, router=RouterOptions(shape.top_k),
+                                            split=SplitOptions(shared_size=shape.shared_size),
+                                            data=CalibrationOptions("embedded", config.calibration_tokens)),
+        )
+    split_name = f"random-split {config.num_experts}/top-{config.top_k} s={config.split_scale:g}"
+    builds[split_name] = BuildConfig(
+        config.model, config.work_dir / "random-split", force=True,
+        construction=ConstructionConfig("random-split", config.num_experts, config.seed, config.split_scale,
+                                        router=RouterOptions(config.top_k)),
+    )
     if config.train_tokens > 0:
         builds[f"{split_name} + CPT {config.train_tokens // 1000}k tok"] = "train"
     rows, dense_logits = [], None
@@ -137,14 +155,14 @@ def _continue_pretraining(config: QuickstartConfig, model_dir: Path) -> Path:
 
 
 def format_rows(rows: list[Row], prompt: str) -> str:
-    header = f"{'model':<40}{'total':>9}{'active':>9}{'ppl':>10}{'max|Δlogit|':>13}{'time':>7}"
+    header = f"{'model':<44}{'total':>9}{'active':>9}{'ppl':>10}{'max|Δlogit|':>13}{'time':>7}"
     lines = [header, "-" * len(header)]
     for row in rows:
         diff = "-" if row.max_abs_logit_diff is None else f"{row.max_abs_logit_diff:.2e}"
         lines.append(
-            f"{row.name:<40}{row.total_params / 1e6:>8.1f}M{row.active_params / 1e6:>8.1f}M"
+            f"{row.name:<44}{row.total_params / 1e6:>8.1f}M{row.active_params / 1e6:>8.1f}M"
             f"{row.perplexity:>10.2f}{diff:>13}{row.seconds:>6.0f}s"
         )
     lines += ["", f"greedy completion of {prompt!r}:"]
-    lines += [f"  {row.name:<40} {row.completion!r}" for row in rows]
+    lines += [f"  {row.name:<44} {row.completion!r}" for row in rows]
     return "\n".join(lines)

@@ -71,6 +71,26 @@ def activation_ratio(ffn_size: int, expert_size: int, shared_size: int, top_k: i
     return (top_k * expert_size + shared_size) / ffn_size
 
 
+@dataclass(frozen=True)
+class RatioShape:
+    num_experts: int
+    top_k: int
+    shared_size: int
+
+
+def shape_at_ratio(ffn_size: int, ratio: float, blocks: int, with_shared: bool) -> RatioShape:
+    """The FFN cut into `blocks` equal blocks, ratio x blocks of them active per token; with_shared
+    keeps half the active blocks (rounded down) as one shared block, the rest routed."""
+    active = ratio * blocks
+    if ffn_size % blocks or abs(active - round(active)) > 1e-9 or not 0 < round(active) < blocks:
+        raise MoeifyError(f"--activation-ratio {ratio:g} of --blocks {blocks} is {active:g} blocks and the FFN has {ffn_size} "
+                          f"neurons: choose blocks that divide {ffn_size} and a ratio that is a whole number of them "
+                          f"(e.g. --blocks 16 with 0.25, 0.5 or 0.75)")
+    active = round(active)
+    shared = active // 2 if with_shared else 0
+    return RatioShape(blocks - shared, active - shared, shared * ffn_size // blocks)
+
+
 def initial_weight(router: RouterSpec, num_experts: int, top_k: int) -> float:
     """A chosen expert's mixing weight when all logits are equal; its inverse is carve's scale, so
     that with near-equal logits each chosen expert adds its neurons' dense output unchanged."""
