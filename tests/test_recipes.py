@@ -30,7 +30,8 @@ def test_tiny_recipe_builds_and_trains(recipe, tiny_models, tiny_data, tmp_path)
     config = make_config(load_recipe(recipe), {"model": str(moe), "data": str(tiny_data), "out": str(tmp_path / "run"), "seq_len": 32})
     result = train(config, progress=False)
     assert result.finished and all(math.isfinite(loss) for loss in result.losses) and len(result.losses) == result.steps
-    architecture = "Qwen2MoeForCausalLM" if "granular" in recipe.stem else "MixtralForCausalLM"  # softmax-topk, no renormalising
+    # granular: softmax-topk without renormalising; carve: a shared expert. Both go to Qwen2-MoE.
+    architecture = "Qwen2MoeForCausalLM" if "granular" in recipe.stem or "carve" in recipe.stem else "MixtralForCausalLM"
     assert AutoConfig.from_pretrained(result.model_dir).architectures == [architecture]  # the trained MoE, exported
 
 
