@@ -14,6 +14,7 @@ from tqdm import tqdm
 from moeify.checkpoint.atomic import check_output_dir
 from moeify.checkpoint.dense import DenseCheckpoint, is_ffn_tensor
 from moeify.checkpoint.formats import OutputFormat, choose_format
+from moeify.checkpoint.formats.base import print_engine_limits
 from moeify.checkpoint.resolve import resolve_model
 from moeify.checkpoint.writer import DTYPES, cast_floating, write_checkpoint
 from moeify.construct import ConstructionConfig, ConstructionPlan
@@ -65,9 +66,11 @@ def build(config: BuildConfig, progress: bool = True) -> Path:
                                                                                        layout=layout)
     tensors = cast_floating(moe_tensors(dense, plan, fmt, layout, progress), dtype, fmt.keeps_fp32)
     try:
-        return write_checkpoint(out, tensors, moe_config, dense.path, manifest, config.force, int(config.max_shard_mb * (1 << 20)))
+        written = write_checkpoint(out, tensors, moe_config, dense.path, manifest, config.force, int(config.max_shard_mb * (1 << 20)))
     finally:
         tensors.close()  # a failed write still ends the progress bar's line
+    print_engine_limits(fmt, moe_config)
+    return written
 
 
 def run_build(config: BuildConfig) -> str:
@@ -97,6 +100,8 @@ def moe_tensors(dense: DenseCheckpoint, plan: ConstructionPlan, fmt: OutputForma
             yield from fmt.disk_tensors(layer, moe_layer, plan.config.router.gate, layout)
     for name in sorted(n for n in other_names if not n.startswith("model.embed")):
         yield name, dense.get(name)
+    if fmt.explicit_lm_head and "lm_head.weight" not in dense.tensor_names:  # tied embeddings
+        yield "lm_head.weight", dense.get("model.embed_tokens.weight")
 
 
 def weights_digest(files: list[Path]) -> str:

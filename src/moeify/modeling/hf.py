@@ -65,11 +65,12 @@ class MoEFeedForward(nn.Module):
 
 def attach_moe_blocks(
     model: nn.Module, dispatch: Dispatch = "auto", noisy: bool = False, capacity_factor: float | None = None,
-    gate: str = "linear",
+    gate: str = "linear", shared: bool | None = None,
 ) -> list[MoEFeedForward]:
     """Replace every stock sparse-MoE block of `model` in place; returns the new blocks (empty if dense).
 
-    `gate="mlp"` gives each router moeify's MLP gate (its weights are loaded by the caller)."""
+    `gate="mlp"` gives each router moeify's MLP gate (its weights are loaded by the caller); `shared`
+    says whether the MoE has a shared expert (default: read from the weights, see read_module)."""
     config = model.config
     fmt = format_of_model_type(config.model_type)
     if fmt is None:
@@ -81,7 +82,7 @@ def attach_moe_blocks(
         stock = decoder_layer.mlp
         if not hasattr(stock, "experts"):
             continue
-        layer = fmt.read_module(stock)
+        layer = fmt.read_module(stock, shared)
         E, D = layer.router.shape
         block = MoEBlock(D, layer.experts[0].size, E, config.num_experts_per_tok, dispatch=dispatch, noisy=noisy,
                          capacity_factor=capacity_factor, router_spec=spec)
@@ -108,7 +109,7 @@ def stock_state_dict(state: dict[str, torch.Tensor], config, layout: str | None 
     out: dict[str, torch.Tensor] = {}
     per_layer: dict[int, dict[str, torch.Tensor]] = {}
     for name, tensor in state.items():
-        if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
+        if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False) and not (fmt and fmt.explicit_lm_head):
             continue
         prefix = next((p for p in prefixes if name.startswith((p + "block.", p + "shared_expert"))), None)
         if prefix is None:

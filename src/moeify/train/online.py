@@ -69,7 +69,8 @@ def build_online(dense: DenseCheckpoint, construction: ConstructionConfig, sourc
     config = fmt.make_config(dense.config, plan.num_experts, plan.top_k, plan.expert_size, plan.features)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        blocks = attach_moe_blocks(model, dispatch, noisy, capacity_factor, gate=plan.config.router.gate)
+        blocks = attach_moe_blocks(model, dispatch, noisy, capacity_factor, gate=plan.config.router.gate,
+                                   shared=plan.features.shared_size > 0)
     before_sharding(model, blocks)
     model = wrap_model(model, env, layout, dtype, reshard_after_forward)
     model.to_empty(device=env.device)

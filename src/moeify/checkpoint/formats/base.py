@@ -6,6 +6,7 @@ exactly (`supports`), derives its config, and maps the canonical tensors of an M
 """
 
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -40,6 +41,11 @@ class MoEFeatures:
         return self.router.routing in ("topk-softmax", "softmax-topk")
 
 
+def print_engine_limits(fmt: "OutputFormat", config: PretrainedConfig) -> None:
+    for line in fmt.engine_limits(config):
+        print(f"moeify: note: {line}", file=sys.stderr)
+
+
 def _config_fields(config_class: type[PretrainedConfig]) -> set[str]:
     fields: set[str] = set()
     for cls in config_class.__mro__:
@@ -51,10 +57,20 @@ def head_dim(dense: PretrainedConfig) -> int:
     return getattr(dense, "head_dim", None) or dense.hidden_size // dense.num_attention_heads
 
 
-def empty_ffn(hidden_size: int, dtype: torch.dtype) -> FFNWeights:
-    """A feed-forward with no neurons: it adds exactly zero."""
-    return FFNWeights(torch.zeros(0, hidden_size, dtype=dtype), torch.zeros(0, hidden_size, dtype=dtype),
-                      torch.zeros(hidden_size, 0, dtype=dtype))
+def zero_ffn(hidden_size: int, width: int, dtype: torch.dtype) -> FFNWeights:
+    """A feed-forward whose weights are all zero: it adds exactly zero, and training leaves it so (with
+    gate, up and down zero every gradient is zero). What a format that always has a shared expert
+    holds for an MoE without one; engines need it of non-zero width."""
+    return FFNWeights(torch.zeros(width, hidden_size, dtype=dtype), torch.zeros(width, hidden_size, dtype=dtype),
+                      torch.zeros(hidden_size, width, dtype=dtype))
+
+
+def adds_nothing(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> bool:
+    """A shared expert with no neurons or all-zero weights (zero_ffn). Meta tensors have no values: only
+    the width can tell."""
+    if gate.shape[0] == 0:
+        return True
+    return not gate.is_meta and not (gate.any() or up.any() or down.any())
 
 
 def pad_ffn(ffn: FFNWeights, multiple: int) -> FFNWeights:
@@ -117,8 +133,17 @@ class OutputFormat:
             raise AssertionError(f"{self.architecture} has no shared expert")
         return self.complete(layer)
 
+    # Engines that need an output projection even for tied embeddings (llama.cpp's qwen2moe): the
+    # embedding is also written as lm_head.weight; the config stays tied, so training keeps them one.
+    explicit_lm_head: ClassVar[bool] = False
+
+    def engine_limits(self, config: PretrainedConfig) -> list[str]:
+        """One line per inference engine that would not compute this checkpoint exactly (build and
+        export print them); empty when transformers, llama.cpp and vLLM all run it as written."""
+        return []
+
     def complete(self, layer: MoELayer) -> MoELayer:
-        """Add what the format always stores but the layer may lack (an empty shared expert, a zero bias)."""
+        """Add what the format always stores but the layer may lack (a zero shared expert, a zero bias)."""
         return layer
 
     def _names(self, index: int, layout: str) -> tuple[str, dict[str, str]]:
@@ -169,11 +194,14 @@ class OutputFormat:
         router = f"{prefix}.{names[C.ROUTER]}".removesuffix(".weight")
         return f"{router}.mlp_in.weight", f"{router}.mlp_out.weight"
 
-    def read_module(self, stock_mlp: torch.nn.Module) -> MoELayer:
-        """The canonical tensors of a loaded stock MoE block (views of its parameters); an empty
-        shared expert counts as none."""
+    def read_module(self, stock_mlp: torch.nn.Module, shared: bool | None = None) -> MoELayer:
+        """The canonical tensors of a loaded stock MoE block (views of its parameters). A shared expert
+        that adds nothing (adds_nothing: what `complete` writes for an MoE without one) counts as none;
+        `shared` decides instead when given (the meta-device model of online upcycling has no values)."""
         state = dict(stock_mlp.state_dict(keep_vars=True))
         canonical = {name: state[stock].data for name, stock in self.module_names.items() if stock in state}
-        if C.SHARED[0] in canonical and canonical[C.SHARED[0]].shape[0] == 0:
-            canonical = {k: v for k, v in canonical.items() if k not in (*C.SHARED, C.SHARED_GATE)}
+        if C.SHARED[0] in canonical:
+            keep = shared if shared is not None else not adds_nothing(*(canonical[name] for name in C.SHARED))
+            if not keep:
+                canonical = {k: v for k, v in canonical.items() if k not in (*C.SHARED, C.SHARED_GATE)}
         return MoELayer.from_module_state(canonical)

@@ -4,7 +4,7 @@ attention: transformers' Glm4MoeForCausalLM with every layer sparse and full rot
 import torch
 from transformers import Glm4MoeConfig, PretrainedConfig
 
-from moeify.checkpoint.formats.base import MoEFeatures, OutputFormat, empty_ffn, head_dim, pad_ffn, shared_blocks
+from moeify.checkpoint.formats.base import MoEFeatures, OutputFormat, head_dim, pad_ffn, shared_blocks, zero_ffn
 from moeify.checkpoint.formats.qwen_attention import qwen_attention_reason
 from moeify.errors import MoeifyError
 from moeify.modeling import canonical as C
@@ -32,7 +32,7 @@ class DeepseekV3Style(OutputFormat):
         rope["partial_rotary_factor"] = 1.0
         return {
             "intermediate_size": dense.intermediate_size, "moe_intermediate_size": expert_size, "n_routed_experts": num_experts,
-            "num_experts_per_tok": top_k, "n_shared_experts": shared_blocks(features.shared_size, expert_size),
+            "num_experts_per_tok": top_k, "n_shared_experts": max(1, shared_blocks(features.shared_size, expert_size)),
             "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 0,
             "norm_topk_prob": features.router.renormalize, "use_qk_norm": dense.model_type == "qwen3",
             "attention_bias": dense.model_type == "qwen2", "head_dim": head_dim(dense), "rope_parameters": rope,
@@ -44,6 +44,10 @@ class DeepseekV3Style(OutputFormat):
             raise MoeifyError("moeify trains DeepSeek-V3-style models with routed_scaling_factor 1 and one expert group")
         return RouterSpec("sigmoid-topk", renormalize=config.norm_topk_prob)
 
+    def engine_limits(self, config: PretrainedConfig) -> list[str]:
+        return ["llama.cpp's converter reads GLM's own special tokens ([gMASK], <|user|>) for Glm4MoeForCausalLM and stops on "
+                "any other tokenizer, so this checkpoint does not convert to GGUF; transformers and vLLM run it exactly"]
+
     def from_construction(self, layer: MoELayer, expert_size: int) -> MoELayer:
         # The stock shared block holds n_shared x expert_size neurons; zero neurons pad it and add nothing.
         if layer.shared is not None:
@@ -51,6 +55,9 @@ class DeepseekV3Style(OutputFormat):
         return self.complete(layer)
 
     def complete(self, layer: MoELayer) -> MoELayer:
-        shared = layer.shared if layer.shared is not None else empty_ffn(layer.router.shape[1], layer.router.dtype)
+        # Without shared experts: one zero shared expert (vLLM builds the shared MLP whenever
+        # n_shared_experts is set, llama.cpp then wants its tensors); moeify loads it as none.
+        expert_size = layer.experts[0].size
+        shared = layer.shared if layer.shared is not None else zero_ffn(layer.router.shape[1], expert_size, layer.router.dtype)
         bias = layer.selection_bias if layer.selection_bias is not None else torch.zeros(layer.num_experts)
         return MoELayer(layer.router, layer.experts, layer.router_mlp_out, bias, shared, layer.shared_gate)

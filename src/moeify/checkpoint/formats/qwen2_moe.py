@@ -4,11 +4,21 @@ and the format of Llama/Mistral MoEs with a shared expert or without renormalisa
 import torch
 from transformers import PretrainedConfig, Qwen2MoeConfig
 
-from moeify.checkpoint.formats.base import MoEFeatures, OutputFormat, empty_ffn, head_dim
+from moeify.checkpoint.formats.base import MoEFeatures, OutputFormat, head_dim, zero_ffn
 from moeify.checkpoint.formats.qwen_attention import qwen_attention_reason
 from moeify.modeling import canonical as C
 from moeify.modeling.canonical import MoELayer
 from moeify.modeling.router import RouterSpec
+
+# The zero shared expert of an MoE without one: llama.cpp reads width 0 as "the dense F" and fails its
+# shape check, vLLM always loads shared_expert_gate. 256 divides by every tensor-parallel degree up to
+# 256 and by the quantisation blocks (32, 256) along the row.
+ZERO_SHARED_SIZE = 256
+
+# The shared expert's gate at construction: every entry 2^-48, so |x w| < 2^-25 for any hidden state
+# whose entries sum below 2^23 in magnitude and sigmoid(x w) rounds to exactly 1/2 in fp32 (and bf16).
+# Not 0: llama.cpp computes the sigmoid as silu(z) / z, which is 0/0 at z = 0.
+SHARED_GATE_VALUE = 2.0 ** -48
 
 SHARED_NAMES = dict(zip(C.SHARED, ("shared_expert.gate_proj.weight", "shared_expert.up_proj.weight", "shared_expert.down_proj.weight")))
 
@@ -31,6 +41,7 @@ class Qwen2Moe(OutputFormat):
     dense_families = ("qwen2", "llama", "mistral")
     disk_names = {C.ROUTER: "gate.weight", **SHARED_NAMES, C.SHARED_GATE: "shared_expert_gate.weight"}
     module_names = {**OutputFormat.module_names, **SHARED_NAMES, C.SHARED_GATE: "shared_expert_gate.weight"}
+    explicit_lm_head = True  # llama.cpp's qwen2moe requires output.weight
 
     def supports(self, dense: PretrainedConfig, features: MoEFeatures) -> str | None:
         if not features.softmax_family:
@@ -42,17 +53,24 @@ class Qwen2Moe(OutputFormat):
         # mlp_only_layers, none here) is the dense F rather than the class default, as engines check it.
         return {**qwen_moe_fields(num_experts, top_k, expert_size, features), "qkv_bias": dense.model_type == "qwen2",
                 "intermediate_size": dense.intermediate_size,
-                "shared_expert_intermediate_size": features.shared_size, "head_dim": head_dim(dense)}
+                "shared_expert_intermediate_size": features.shared_size or ZERO_SHARED_SIZE, "head_dim": head_dim(dense)}
 
     def router_spec(self, config: PretrainedConfig) -> RouterSpec:
         return qwen_router_spec(config)
 
+    def engine_limits(self, config: PretrainedConfig) -> list[str]:
+        if config.norm_topk_prob:  # llama.cpp's qwen2moe graph never renormalises (src/models/qwen2moe.cpp)
+            return ["llama.cpp runs Qwen2-MoE without renormalising the top-k weights (it ignores norm_topk_prob), so there "
+                    "this MoE differs; transformers and vLLM run it exactly (for llama.cpp: a Llama/Mistral model's Mixtral "
+                    "format, or --routing softmax-topk --no-renormalize)"]
+        return []
+
     def from_construction(self, layer: MoELayer, expert_size: int) -> MoELayer:
-        # Qwen2-MoE gates its shared expert by sigmoid(x W); W = 0 gives 1/2, so the down projection
-        # is doubled (exact in floating point) and the block starts as an ungated shared expert.
+        # Qwen2-MoE gates its shared expert by sigmoid(x W); W = SHARED_GATE_VALUE gives 1/2, so the down
+        # projection is doubled (exact in floating point) and the block starts as an ungated shared expert.
         if layer.shared is not None and layer.shared_gate is None:
             shared = layer.shared
-            gate = torch.zeros(1, shared.gate.shape[1], dtype=shared.gate.dtype)
+            gate = torch.full((1, shared.gate.shape[1]), SHARED_GATE_VALUE, dtype=shared.gate.dtype)
             layer = MoELayer(layer.router, layer.experts, layer.router_mlp_out, layer.selection_bias,
                              type(shared)(shared.gate, shared.up, shared.down * 2), gate)
         return self.complete(layer)
@@ -60,6 +78,6 @@ class Qwen2Moe(OutputFormat):
     def complete(self, layer: MoELayer) -> MoELayer:
         if layer.shared is not None:
             return layer
-        hidden, dtype = layer.router.shape[1], layer.router.dtype  # always a shared expert: an empty one adds zero
-        return MoELayer(layer.router, layer.experts, layer.router_mlp_out, layer.selection_bias, empty_ffn(hidden, dtype),
-                        torch.zeros(1, hidden, dtype=dtype))
+        hidden, dtype = layer.router.shape[1], layer.router.dtype  # always a shared expert: a zero one adds nothing
+        return MoELayer(layer.router, layer.experts, layer.router_mlp_out, layer.selection_bias,
+                        zero_ffn(hidden, ZERO_SHARED_SIZE, dtype), torch.full((1, hidden), SHARED_GATE_VALUE, dtype=dtype))
