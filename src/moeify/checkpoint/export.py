@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moeify.checkpoint.formats import format_of_model_type
+from moeify.checkpoint.formats.base import print_engine_limits
 from moeify.checkpoint.manifest import Manifest
 from moeify.checkpoint.writer import DTYPES, cast_floating, write_checkpoint
 from moeify.errors import MoeifyError
@@ -69,6 +70,7 @@ def export_model(source: Path, out: Path, force: bool = False, dtype: str = "aut
     items = cast_floating(sorted(tensors.items()), DTYPES.get(dtype), fmt.keeps_fp32)
     write_checkpoint(out, items, config, source, manifest.replace(format=fmt.name, exported_from=str(source), layout=layout),
                      force, check=check)
+    print_engine_limits(fmt, config)
     return out, difference["max"]
 
 
