@@ -82,3 +82,50 @@ def test_qwen3_with_a_head_dim_other_than_hidden_over_heads(tmp_path):
     out = build(build_config(model=str(dense), out=tmp_path / "m", method="upcycle", num_experts=4), progress=False)
     assert json.loads((out / "config.json").read_text())["head_dim"] == 32
     assert (logits_of(out, IDS) - logits_of(dense, IDS)).abs().max() < 1e-4
+
+
+def _keys_and_config(out) -> tuple[dict[str, torch.Tensor], dict]:
+    return _tensors(out), json.loads((out / "config.json").read_text())
+
+
+def test_qwen2_moe_of_a_tied_model_writes_lm_head_and_a_zero_shared_expert(tiny_models, tmp_path, capsys):
+    # llama.cpp's qwen2moe requires output.weight and a shared expert of non-zero width (it reads 0 as
+    # "the dense F"); vLLM always loads shared_expert_gate. The config stays tied, the MoE exact.
+    out = build(build_config(model=str(tiny_models["llama-tied"]), out=tmp_path / "m", method="upcycle", num_experts=4,
+                             format="qwen2_moe"), progress=False)
+    tensors, config = _keys_and_config(out)
+    assert config["tie_word_embeddings"] is True
+    assert torch.equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])
+    width = config["shared_expert_intermediate_size"]
+    assert width > 0 and width % 32 == 0
+    shared = [tensors[f"model.layers.0.mlp.shared_expert.{name}.weight"] for name in ("gate_proj", "up_proj", "down_proj")]
+    assert [t.shape for t in shared] == [(width, 64), (width, 64), (64, width)] and not any(t.any() for t in shared)
+    gate = tensors["model.layers.0.mlp.shared_expert_gate.weight"]
+    assert gate.shape == (1, 64) and (gate > 0).all() and gate.max() < 1e-12  # not 0: llama.cpp's sigmoid is silu(z)/z
+    assert "llama.cpp runs Qwen2-MoE without renormalising" in capsys.readouterr().err  # upcycle renormalises
+    stock, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    assert (logits_of(out, IDS) - logits_of(tiny_models["llama-tied"], IDS)).abs().max() < 1e-4
+    _, blocks = load_moe_model(out)
+    assert blocks[0].shared_expert is None  # moeify does not compute the zero expert
+
+
+def test_deepseek_v3_format_without_shared_experts_writes_one_zero_shared_expert(tiny_models, tmp_path, capsys):
+    # vLLM builds the shared MLP whenever n_shared_experts is set, llama.cpp then expects its tensors;
+    # rotary must be explicit (vLLM's Glm4Moe defaults partial_rotary_factor to 0.5).
+    out = build(build_config(model=str(tiny_models["llama"]), out=tmp_path / "m", method="random-split", num_experts=4,
+                             routing="sigmoid-topk"), progress=False)
+    tensors, config = _keys_and_config(out)
+    assert (config["n_shared_experts"], config["intermediate_size"], config["rope_parameters"]["partial_rotary_factor"]) == (1, 96, 1.0)
+    shared = tensors["model.layers.1.mlp.shared_experts.down_proj.weight"]
+    assert shared.shape == (64, config["moe_intermediate_size"]) and not shared.any()
+    assert "does not convert to GGUF" in capsys.readouterr().err
+    assert not any(AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)[1].values())
+    assert (_moeify_logits(out) - AutoModelForCausalLM.from_pretrained(out)(IDS).logits).abs().max() < 1e-4
+
+
+def test_formats_that_every_engine_runs_print_no_note(tiny_models, tmp_path, capsys):
+    build(build_config(model=str(tiny_models["llama"]), out=tmp_path / "mixtral", method="upcycle", num_experts=4), progress=False)
+    build(build_config(model=str(tiny_models["llama"]), out=tmp_path / "qwen2", method="upcycle", num_experts=4, top_k=4,
+                       routing="softmax-topk", renormalize=False, format="qwen2_moe"), progress=False)
+    assert "moeify: note" not in capsys.readouterr().err
