@@ -20,6 +20,11 @@ ZERO_SHARED_SIZE = 256
 # Not 0: llama.cpp computes the sigmoid as silu(z) / z, which is 0/0 at z = 0.
 SHARED_GATE_VALUE = 2.0 ** -48
 
+
+def starting_shared_gate(hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The shared expert's gate weight [1, D] at construction: sigmoid(x w) = 1/2 exactly."""
+    return torch.full((1, hidden_size), SHARED_GATE_VALUE, dtype=dtype)
+
 SHARED_NAMES = dict(zip(C.SHARED, ("shared_expert.gate_proj.weight", "shared_expert.up_proj.weight", "shared_expert.down_proj.weight")))
 
 
@@ -70,9 +75,9 @@ class Qwen2Moe(OutputFormat):
         # projection is doubled (exact in floating point) and the block starts as an ungated shared expert.
         if layer.shared is not None and layer.shared_gate is None:
             shared = layer.shared
-            gate = torch.full((1, shared.gate.shape[1]), SHARED_GATE_VALUE, dtype=shared.gate.dtype)
             layer = MoELayer(layer.router, layer.experts, layer.router_mlp_out, layer.selection_bias,
-                             type(shared)(shared.gate, shared.up, shared.down * 2), gate)
+                             type(shared)(shared.gate, shared.up, shared.down * 2),
+                             starting_shared_gate(shared.gate.shape[1], shared.gate.dtype))
         return self.complete(layer)
 
     def complete(self, layer: MoELayer) -> MoELayer:
@@ -80,4 +85,4 @@ class Qwen2Moe(OutputFormat):
             return layer
         hidden, dtype = layer.router.shape[1], layer.router.dtype  # always a shared expert: a zero one adds nothing
         return MoELayer(layer.router, layer.experts, layer.router_mlp_out, layer.selection_bias,
-                        zero_ffn(hidden, ZERO_SHARED_SIZE, dtype), torch.full((1, hidden), SHARED_GATE_VALUE, dtype=dtype))
+                        zero_ffn(hidden, ZERO_SHARED_SIZE, dtype), starting_shared_gate(hidden, dtype))
