@@ -46,7 +46,7 @@ class DeepseekV3Style(OutputFormat):
 
     def engine_limits(self, config: PretrainedConfig) -> list[str]:
         return ["llama.cpp's converter reads GLM's own special tokens ([gMASK], <|user|>) for Glm4MoeForCausalLM and stops on "
-                "any other tokenizer, so this checkpoint does not convert to GGUF; transformers and vLLM run it exactly"]
+                "any other tokenizer, so this checkpoint does not convert to GGUF; transformers runs it exactly"]
 
     def from_construction(self, layer: MoELayer, expert_size: int) -> MoELayer:
         # The stock shared block holds n_shared x expert_size neurons; zero neurons pad it and add nothing.

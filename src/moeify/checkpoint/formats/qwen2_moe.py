@@ -66,8 +66,8 @@ class Qwen2Moe(OutputFormat):
     def engine_limits(self, config: PretrainedConfig) -> list[str]:
         if config.norm_topk_prob:  # llama.cpp's qwen2moe graph never renormalises (src/models/qwen2moe.cpp)
             return ["llama.cpp runs Qwen2-MoE without renormalising the top-k weights (it ignores norm_topk_prob), so there "
-                    "this MoE differs; transformers and vLLM run it exactly (for llama.cpp: a Llama/Mistral model's Mixtral "
-                    "format, or --routing softmax-topk --no-renormalize)"]
+                    "this MoE differs; transformers runs it exactly, vLLM reads norm_topk_prob (for llama.cpp: a Llama/Mistral "
+                    "model's Mixtral format, or --routing softmax-topk --no-renormalize)"]
         return []
 
     def from_construction(self, layer: MoELayer, expert_size: int) -> MoELayer:
