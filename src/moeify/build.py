@@ -90,18 +90,18 @@ def moe_tensors(dense: DenseCheckpoint, plan: ConstructionPlan, fmt: OutputForma
         else:
             other_names.append(name)
     for name in sorted(n for n in other_names if n.startswith("model.embed")):
-        yield name, dense.get(name)
+        yield name, plan.tensor(dense, name)
     with tqdm(range(dense.num_layers), desc=f"build {plan.method.name}", unit="layer", disable=not progress, file=sys.stderr) as layers:
         for layer in layers:
             for name in sorted(layer_names.get(layer, [])):
                 if not is_ffn_tensor(name):
-                    yield name, dense.get(name)
+                    yield name, plan.tensor(dense, name)
             moe_layer = fmt.from_construction(plan.layer(dense, layer), plan.expert_size)
             yield from fmt.disk_tensors(layer, moe_layer, plan.config.router.gate, layout)
     for name in sorted(n for n in other_names if not n.startswith("model.embed")):
-        yield name, dense.get(name)
+        yield name, plan.tensor(dense, name)
     if fmt.explicit_lm_head and "lm_head.weight" not in dense.tensor_names:  # tied embeddings
-        yield "lm_head.weight", dense.get("model.embed_tokens.weight")
+        yield "lm_head.weight", plan.tensor(dense, "model.embed_tokens.weight")
 
 
 def weights_digest(files: list[Path]) -> str:

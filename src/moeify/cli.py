@@ -104,10 +104,17 @@ def _add_flags(parser: argparse.ArgumentParser, verb: Verb, schema: type) -> Non
             parser.add_argument(*flags, type=None if choices else converter, choices=choices, dest=leaf.name, default=None, help=help_text)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors (an unknown flag, a value not among the choices) in moeify's one-line form."""
+
+    def error(self, message: str):
+        self.exit(2, f"moeify: error: {message}; `{self.prog} --help` lists what it takes\n")
+
+
 def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The argument parser; only the verb named in `argv` gets its flags (so only its module is imported)."""
     words = sys.argv[1:] if argv is None else argv
-    root = argparse.ArgumentParser(prog="moeify", description="Turn a dense LLaMA-family model into an MoE model.")
+    root = _Parser(prog="moeify", description="Turn a dense LLaMA-family model into an MoE model.")
     commands = root.add_subparsers(dest="command", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
     for verb in VERBS:
@@ -154,7 +161,10 @@ def _quiet_transformers() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser(argv).parse_args(argv)
+    try:
+        args = parser(argv).parse_args(argv)
+    except SystemExit as stop:  # --help, or a flag argparse refused (already printed in one line)
+        return stop.code if isinstance(stop.code, int) else 2
     verb: Verb = args.verb
     _quiet_transformers()
     try:

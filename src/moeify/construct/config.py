@@ -7,9 +7,9 @@ from typing import ClassVar, Literal
 
 from moeify.errors import MoeifyError
 from moeify.modeling.router import RouterSpec
-from moeify.schema import at_least, fraction, is_given, positive, replace_flat, to_flat
+from moeify.schema import Range, at_least, fraction, is_given, positive, replace_flat, to_flat
 
-RouterInit = Literal["auto", "normal", "virtual-group", "centroids", "fitted"]
+RouterInit = Literal["auto", "normal", "virtual-group", "centroids", "fitted", "prompts", "calibration"]
 
 
 @dataclass
@@ -29,7 +29,12 @@ class RouterOptions:
     router_std: float = 0.02
     """Router initialised N(0, router_std); 0 gives zeros (uniform routing)."""
     router_init: RouterInit = "auto"
-    """auto | normal | virtual-group (granular-upcycle) | centroids (clustering) | fitted (carve)."""
+    """auto | normal | virtual-group (granular-upcycle) | centroids (clustering) | fitted (carve) | prompts (rows
+    from the MLP inputs of each expert's prompts, --expert-prompts; mergekit's hidden mode) | calibration (one
+    --calibration domain per expert)."""
+    expert_prompts: Path | None = None
+    """--router-init prompts: a YAML/JSON list with one entry per expert, `positive: [prompts]` and optionally
+    `negative: [prompts]` (mergekit's positive_prompts/negative_prompts are read too)."""
 
     def spec(self) -> RouterSpec:
         # top-k-then-softmax is renormalised by construction, whatever the flag says.
@@ -122,6 +127,19 @@ class CalibrationOptions:
 
 
 @dataclass
+class MergeOptions:
+    RANGES: ClassVar[dict] = {"min_base_similarity": Range(-1, 1)}
+    expert_model: list[str] = field(default_factory=list)
+    """btx: a dense fine-tune of MODEL per expert (repeat the flag); each one's FFNs become one expert."""
+    merge_others: Literal["average", "base"] = "average"
+    """btx: attention, norms and embeddings averaged over the expert models (Branch-Train-MiX), or MODEL's
+    (mergekit-moe)."""
+    min_base_similarity: float = 0.5
+    """btx: least cosine between an expert model's and MODEL's token embeddings (fine-tunes of one base keep
+    them near 1; unrelated models are near 0)."""
+
+
+@dataclass
 class ConstructionConfig:
     RANGES: ClassVar[dict] = {"num_experts": at_least(1), "scale": positive()}
     method: str = "upcycle"
@@ -146,6 +164,7 @@ class ConstructionConfig:
     clustering: ClusteringOptions = field(default_factory=ClusteringOptions)
     carve: CarveOptions = field(default_factory=CarveOptions)
     data: CalibrationOptions = field(default_factory=CalibrationOptions)
+    merge: MergeOptions = field(default_factory=MergeOptions)
 
     @property
     def top_k(self) -> int:
@@ -157,7 +176,7 @@ class ConstructionConfig:
 
 
 # The leaves a partition file records and replaces: the method and its options (not the router).
-PARTITION_GROUPS = ("split", "upcycle", "clustering", "carve", "data")
+PARTITION_GROUPS = ("split", "upcycle", "clustering", "carve", "data", "merge")
 PARTITION_ROOT_KEYS = ("method", "num_experts", "seed")
 PARTITION_KEYS = frozenset(PARTITION_ROOT_KEYS).union(*(to_flat(getattr(ConstructionConfig(), group)) for group in PARTITION_GROUPS))
 
@@ -175,7 +194,8 @@ def method_options(config: ConstructionConfig) -> dict:
     """What a partition file records of how it was made: the method, E, seed and the method options."""
     recorded = {key: getattr(config, key) for key in PARTITION_ROOT_KEYS}
     for group in PARTITION_GROUPS:
-        recorded.update(to_flat(getattr(config, group)))
+        if group != "merge" or config.method == "btx":  # the expert models are recorded only where they are used
+            recorded.update(to_flat(getattr(config, group)))
     return {k: v for k, v in recorded.items() if v is not None}
 
 

@@ -13,14 +13,19 @@ import torch
 from moeify.checkpoint.dense import DenseCheckpoint
 from moeify.checkpoint.formats.base import MoEFeatures
 from moeify.checkpoint.manifest import Manifest
+from moeify.construct.btx import merged, open_expert_models, with_expert_count
 from moeify.construct.config import ConstructionConfig, method_options, partition_conflicts, with_method_options
 from moeify.construct.methods import ConstructionMethod
 from moeify.construct.partition import Partition, model_fingerprint
 from moeify.construct.registry import get_method
 from moeify.construct.seeding import MLP_GATE_STREAM, ROUTER_STREAM, layer_generator
+from moeify.construct.text_router import text_router_rows
 from moeify.errors import MoeifyError
 from moeify.modeling.canonical import FFNWeights, LazyExperts, MoELayer
 from moeify.schema import validate
+
+
+TEXT_ROUTER_INITS = ("prompts", "calibration")  # every method may take its router from text
 
 
 @dataclass
@@ -30,7 +35,9 @@ class ConstructionPlan:
     ffn_size: int
     partition: Partition | None
     scale: float
-    router_init: str  # resolved: normal | virtual-group | centroids | fitted
+    router_init: str  # resolved: normal | virtual-group | centroids | fitted | prompts | calibration
+    expert_models: list[DenseCheckpoint] | None = None  # btx: expert e's FFNs come from expert_models[e]
+    router_rows: list[torch.Tensor] | None = None  # per layer [E, D], from prompts or calibration domains
 
     @classmethod
     def make(cls, dense: DenseCheckpoint, config: ConstructionConfig, source: str = "MODEL", progress: bool = True,
@@ -38,6 +45,7 @@ class ConstructionPlan:
         """`compute_partition=False` refuses data-driven methods without a partition file (online upcycling:
         every rank would compute it)."""
         validate(config, "the construction settings")
+        config = with_expert_count(config)
         partition = None
         if config.partition is not None:
             partition = Partition.load(config.partition)
@@ -69,6 +77,15 @@ class ConstructionPlan:
                                   f"granular-upcycle, drop-upcycle, noise-upcycle), not --method {method.name}; drop it")
             plan.scale = megatron if config.scale is None else config.scale
         plan.router_init = plan._resolve_router_init()
+        if config.merge.expert_model and method.name != "btx":
+            raise MoeifyError(f"--expert-model is read by --method btx, not {method.name}; add --method btx or drop --expert-model")
+        if method.name == "btx":
+            plan.expert_models = open_expert_models(dense, config)
+        if plan.router_init in ("prompts", "calibration"):
+            if not compute_partition:
+                raise MoeifyError(f"--router-init {plan.router_init} runs the dense model on its text, which online upcycling does not "
+                                  f"do on every rank: `moeify build` the MoE once and train the built checkpoint")
+            plan.router_rows = text_router_rows(dense, config, plan.router_init, progress)
         return plan
 
     @property
@@ -97,12 +114,19 @@ class ConstructionPlan:
         return self.method.default_scale(self.ffn_size, self.config, self.top_k, self.config.router.spec())
 
     def _resolve_router_init(self) -> str:
-        requested = self.config.router.router_init
-        init = self.method.default_router_init() if requested == "auto" else requested
-        if init not in self.method.router_inits:
+        requested, prompts = self.config.router.router_init, self.config.router.expert_prompts
+        init = ("prompts" if prompts is not None else self.method.default_router_init()) if requested == "auto" else requested
+        if prompts is not None and init != "prompts":
+            raise MoeifyError(f"--expert-prompts is read by --router-init prompts, not {init}; drop one of them")
+        available = (*self.method.router_inits, *TEXT_ROUTER_INITS)
+        if init not in available:
             raise MoeifyError(f"--router-init {init} is not available with --method {self.method.name}; choose one of: "
-                              f"auto, {', '.join(self.method.router_inits)} (centroids: --method clustering; "
-                              f"virtual-group: --method granular-upcycle)")
+                              f"auto, {', '.join(available)} (centroids: --method clustering; "
+                              f"virtual-group: --method granular-upcycle; fitted: --method carve)")
+        if init == "prompts" and self.config.router.expert_prompts is None:
+            raise MoeifyError("--router-init prompts needs --expert-prompts FILE (one entry of positive prompts per expert)")
+        if init == "calibration" and self.config.data.calibration is None:
+            raise MoeifyError("--router-init calibration needs --calibration DOMAIN=PATH,... with one domain per expert (or embedded)")
         if init == "centroids" and (self.partition is None or self.partition.centroids is None):
             raise MoeifyError("--router-init centroids needs a clustering partition with centroids; make it with `moeify split --method clustering`")
         if init == "fitted" and (self.partition is None or self.partition.router is None):
@@ -138,12 +162,15 @@ class ConstructionPlan:
     def router_weight(self, layer: int, hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
         """Router weight [E, D]: N(0, std) (zeros when std is 0); virtual-group repeats E/G rows G
         times, so the G slices of one FFN copy are always chosen together; centroids uses the
-        clustering centroids (mean normalised rows of each expert); fitted, carve's router rows."""
+        clustering centroids (mean normalised rows of each expert); fitted, carve's router rows; prompts
+        and calibration, the rows construct/text_router.py computed."""
         E, std = self.num_experts, self.config.router.router_std
         if self.router_init == "centroids":
             return self.partition.centroids[layer].to(dtype)
         if self.router_init == "fitted":
             return self.partition.router[layer].to(dtype)
+        if self.router_rows is not None:
+            return self.router_rows[layer].to(dtype)
         if std == 0:
             return torch.zeros(E, hidden_size, dtype=dtype)
         G = self.config.upcycle.granularity if self.router_init == "virtual-group" else 1
@@ -164,6 +191,19 @@ class ConstructionPlan:
             return self.partition.selection_bias[layer].float().clone()
         return torch.zeros(self.num_experts)
 
+    def tensor(self, dense: DenseCheckpoint, name: str) -> torch.Tensor:
+        """A tensor outside the MoE layers (attention, norms, embeddings, head): the dense model's, or
+        for btx the mean over the expert models (`--merge-others average`)."""
+        if self.expert_models is None or self.config.merge.merge_others == "base":
+            return dense.get(name)
+        return merged([model.get(name) for model in self.expert_models])
+
+    def block(self, dense: DenseCheckpoint, name: str, box: tuple[slice, ...]) -> torch.Tensor:
+        """A box of `tensor(dense, name)`, read without the rest (online upcycling fills its shards so)."""
+        if self.expert_models is None or self.config.merge.merge_others == "base":
+            return dense.block(name, box)
+        return merged([model.block(name, box) for model in self.expert_models])
+
     def layer(self, dense: DenseCheckpoint, layer: int) -> MoELayer:
         """Layer `layer`'s canonical MoE tensors; experts are made when asked for (LazyExperts)."""
         dense_ffn = FFNWeights(*dense.ffn(layer))
@@ -172,7 +212,8 @@ class ConstructionPlan:
         factors = self.partition.expert_scales[layer].tolist() if self.partition is not None and self.partition.expert_scales else None
 
         def make_expert(expert: int) -> FFNWeights:
-            perturbed = FFNWeights(*self.method.perturb((dense_ffn.gate, dense_ffn.up, dense_ffn.down), self.config, layer, expert))
+            source = dense_ffn if self.expert_models is None else FFNWeights(*self.expert_models[expert].ffn(layer))
+            perturbed = FFNWeights(*self.method.perturb((source.gate, source.up, source.down), self.config, layer, expert))
             scale = self.scale * factors[expert] if factors is not None else self.scale
             return expert_weights(perturbed, experts_ES[expert], scale, self.config.upcycle.weight_scaling == "megatron")
 

@@ -1,6 +1,7 @@
 """The construction methods by name. Adding one: a ConstructionMethod subclass in its own file and
 one line in METHODS below (or `register_method(...)` from outside the package)."""
 
+from moeify.construct.btx import BranchTrainMix
 from moeify.construct.carve import Carve
 from moeify.construct.methods import ConstructionMethod, DropUpcycle, GranularUpcycle, NoiseUpcycle, RandomSplit, Upcycle
 from moeify.construct.splits import Clustering, CoActivation, GradientGreedy, SharingInner, SharingInter
@@ -22,5 +23,5 @@ def get_method(name: str) -> ConstructionMethod:
 
 
 for _method in [Upcycle(), RandomSplit(), Clustering(), CoActivation(), SharingInner(), SharingInter(), GradientGreedy(),
-                GranularUpcycle(), DropUpcycle(), NoiseUpcycle(), Carve()]:
+                GranularUpcycle(), DropUpcycle(), NoiseUpcycle(), Carve(), BranchTrainMix()]:
     register_method(_method)

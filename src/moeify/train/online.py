@@ -100,7 +100,7 @@ def _fill(model: nn.Module, dense: DenseCheckpoint, plan: ConstructionPlan, fmt:
             continue
         local, box = _local_box(param)
         if local.numel():
-            local.copy_(dense.block(name, box))
+            local.copy_(plan.block(dense, name, box))
     for index, moe in moe_modules.items():  # one dense FFN in memory at a time
         layer = fmt.from_construction(plan.layer(dense, index), plan.expert_size)
         tensors = dict(moe.named_parameters()) | dict(moe.named_buffers())

@@ -1,0 +1,162 @@
+"""Router rows from text: one set of prompts (or one calibration domain) per expert.
+
+mergekit-moe's `hidden` gate mode, on the input the router actually sees. For expert e and layer L,
+m_e = mean over the tokens of e's positive prompts of the MLP input (the post-attention norm's output),
+minus the same mean over e's negative prompts where it has any. The rows are the m_e normalised to
+unit length (as mergekit does: a token at m_e then scores highest on row e, whatever the norms of
+the other means), less their mean over the experts (a vector common to every row changes no top-k
+and no softmax, but sigmoid scores would carry it), scaled together so that the logits over the
+prompt tokens have unit standard deviation. mergekit takes the residual stream entering the layer,
+at each prompt's last token by default.
+"""
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from moeify.checkpoint.dense import DenseCheckpoint
+from moeify.construct import calibration as calib
+from moeify.construct.config import ConstructionConfig
+from moeify.data.text import load_tokenizer
+from moeify.errors import MoeifyError
+
+SAMPLE_TOKENS = 512  # tokens per expert and layer kept to scale the rows and report how they route
+POSITIVE_KEYS, NEGATIVE_KEYS = ("positive", "positive_prompts"), ("negative", "negative_prompts")
+
+
+@dataclass
+class ExpertText:
+    positive: list[list[int]]  # token ids of each text
+    negative: list[list[int]]
+
+
+def read_expert_prompts(path: Path, num_experts: int) -> list[tuple[list[str], list[str]]]:
+    """(positive, negative) prompts per expert from a YAML/JSON file, every problem refused in one line."""
+    where = f"--expert-prompts {path}"
+    if not path.is_file():
+        raise MoeifyError(f"{where}: no such file; give a YAML list with one `positive: [...]` entry per expert")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise MoeifyError(f"{where} is not YAML or JSON ({first}); give a list of `positive: [...]` entries") from None
+    if isinstance(data, dict) and "experts" in data:  # a mergekit-moe config
+        data = data["experts"]
+    if not isinstance(data, list) or not data:
+        raise MoeifyError(f"{where} holds no expert entries; give a YAML list with one `positive: [...]` entry per expert")
+    if len(data) != num_experts:
+        raise MoeifyError(f"{where} has {len(data)} expert entries for {num_experts} experts; give one entry per expert")
+    prompts = []
+    for index, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            raise MoeifyError(f"{where}: entry {index} is not a mapping; write `- positive: [prompt, ...]`")
+        unknown = set(entry) - set(POSITIVE_KEYS) - set(NEGATIVE_KEYS) - {"source_model"}
+        if unknown:
+            raise MoeifyError(f"{where}: entry {index} has unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
+                              f"use positive and negative")
+        positive = _prompt_list(entry, POSITIVE_KEYS, f"{where}: entry {index}")
+        if not positive:
+            raise MoeifyError(f"{where}: entry {index} has no positive prompts; give each expert at least one")
+        prompts.append((positive, _prompt_list(entry, NEGATIVE_KEYS, f"{where}: entry {index}")))
+    return prompts
+
+
+def _prompt_list(entry: dict, keys: tuple[str, ...], where: str) -> list[str]:
+    value = next((entry[key] for key in keys if key in entry), None) or []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(p, str) and p.strip() for p in value):
+        raise MoeifyError(f"{where}: {keys[0]} must be a list of non-empty prompts")
+    return value
+
+
+def _texts(dense: DenseCheckpoint, config: ConstructionConfig, mode: str) -> tuple[list[ExpertText], list[str]]:
+    """Token ids of each expert's texts, and what each expert was given (for the note)."""
+    E = config.num_experts
+    if mode == "prompts":
+        tokenizer = load_tokenizer(dense.path)
+        encode = lambda texts: [tokenizer(text)["input_ids"] for text in texts]  # noqa: E731
+        prompts = read_expert_prompts(Path(config.router.expert_prompts), E)
+        return [ExpertText(encode(pos), encode(neg)) for pos, neg in prompts], [f"{len(pos)} prompts" for pos, _ in prompts]
+    data = calib.load_calibration(config.data.calibration, dense.path, config.data.calibration_tokens, config.data.calibration_seq_len)
+    if len(data.domain_names) != E:
+        raise MoeifyError(f"--router-init calibration takes one calibration domain per expert: {len(data.domain_names)} domains "
+                          f"({', '.join(data.domain_names)}) for {E} experts; give {E} DOMAIN=PATH sources")
+    texts = [ExpertText([block.tolist() for block in data.blocks_NS[data.domains_N == e]], []) for e in range(E)]
+    return texts, data.domain_names
+
+
+class _MLPInputs:
+    """Per layer: the sum and count of the MLP inputs of the tokens run, and the first SAMPLE_TOKENS of them."""
+
+    def __init__(self, num_layers: int):
+        self.sums: list[torch.Tensor | float] = [0.0] * num_layers
+        self.count = 0
+        self.samples: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self.kept = 0
+
+    def hook(self, layer: int):
+        def record(module, inputs):
+            x_TD = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+            self.sums[layer] = self.sums[layer] + x_TD.sum(0)
+            room = SAMPLE_TOKENS - self.kept
+            if room > 0:
+                self.samples[layer].append(x_TD[:room].float())
+        return record
+
+    def mean(self, layer: int) -> torch.Tensor:
+        return self.sums[layer] / self.count
+
+
+@torch.no_grad()
+def _run(model: torch.nn.Module, texts: list[list[int]], progress: tqdm) -> _MLPInputs:
+    layers = model.model.layers
+    record = _MLPInputs(len(layers))
+    handles = [layer.mlp.register_forward_pre_hook(record.hook(i)) for i, layer in enumerate(layers)]
+    try:
+        for ids in texts:
+            model(torch.tensor([ids]))
+            record.count += len(ids)
+            record.kept = min(SAMPLE_TOKENS, record.kept + len(ids))
+            progress.update(1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return record
+
+
+def text_router_rows(dense: DenseCheckpoint, config: ConstructionConfig, mode: str, progress: bool = True) -> list[torch.Tensor]:
+    """Router weight [E, D] (fp32) per layer from each expert's prompts (`prompts`) or calibration domain (`calibration`)."""
+    texts, given = _texts(dense, config, mode)
+    model = calib.load_dense_model(dense.path)
+    count = sum(len(t.positive) + len(t.negative) for t in texts)
+    with tqdm(total=count, desc=f"router from {mode}", unit="text", disable=not progress, file=sys.stderr) as bar:
+        positive = [_run(model, t.positive, bar) for t in texts]
+        negative = [_run(model, t.negative, bar) if t.negative else None for t in texts]
+    rows, routed = [], []
+    for layer in range(dense.num_layers):
+        means_ED = torch.stack([p.mean(layer) - (n.mean(layer) if n is not None else 0) for p, n in zip(positive, negative)])
+        rows_ED = torch.nn.functional.normalize(means_ED, dim=1).float()
+        if len(texts) > 1:
+            rows_ED = rows_ED - rows_ED.mean(0)
+        samples = [torch.cat(p.samples[layer]) for p in positive]
+        logits = [x_TD @ rows_ED.T for x_TD in samples]
+        scale = 1 / torch.cat(logits).std().clamp(min=1e-12)
+        rows.append(rows_ED * scale)
+        routed.append([(l.argmax(1) == e).float().mean().item() for e, l in enumerate(logits)])
+    _note(routed, given, mode)
+    return rows
+
+
+def _note(routed: list[list[float]], given: list[str], mode: str) -> None:
+    """How often each expert's own tokens choose it first, on the sampled tokens (a check that the texts differ)."""
+    per_expert = torch.tensor(routed)  # [L, E]
+    worst = per_expert.min().item()
+    layer, expert = divmod(int(per_expert.argmin()), per_expert.shape[1])
+    what = ", ".join(f"{e}: {g}" for e, g in enumerate(given)) if mode == "calibration" else f"{len(given)} prompt sets"
+    print(f"moeify: note: router rows from {what}; each expert's own tokens choose it first {per_expert.mean().item():.0%} of the "
+          f"time (worst: expert {expert} at layer {layer}, {worst:.0%}; texts too alike share experts)", file=sys.stderr)

@@ -1,0 +1,162 @@
+"""mergekit-moe's features: Branch-Train-MiX from several fine-tunes, routers from prompts or calibration domains."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from moeify.build import build, build_config
+from moeify.cli import main
+from tests.conftest import TINY_CONFIGS, save_tiny
+
+# Prompt sets of the tiny tokenizer that share few tokens: digits, upper-case words, lower-case prose.
+PROMPTS = [
+    {"positive": ["0123 4567 8901 2345", "98 76 54 32 10 11 22 33"]},
+    {"positive": ["THE QUICK BROWN FOX JUMPS", "HELLO WORLD AND GOOD NIGHT"]},
+    {"positive": ["the module is imported once and cached", "a function returns the value of its last statement"]},
+]
+
+
+def fine_tune(base: Path, out: Path, seed: int, std: float = 0.02) -> Path:
+    """A stand-in for a fine-tune of `base`: every weight moved by relative noise (tokenizer and config kept)."""
+    out.mkdir()
+    for file in base.iterdir():
+        if file.suffix != ".safetensors":
+            (out / file.name).write_bytes(file.read_bytes())
+    generator = torch.Generator().manual_seed(seed)
+    tensors = load_file(base / "model.safetensors")
+    save_file({name: t + torch.randn(t.shape, generator=generator) * std * t.std() for name, t in tensors.items()},
+              out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def fine_tunes(tiny_models, tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("fine-tunes")
+    return [fine_tune(tiny_models["llama"], root / f"ft{seed}", seed) for seed in (1, 2)]
+
+
+def test_btx_of_identical_models_is_upcycling_byte_for_byte(tiny_models, tmp_path):
+    dense = str(tiny_models["llama"])
+    upcycled = build(build_config(model=dense, out=tmp_path / "up", method="upcycle", num_experts=3, router_std=0.1), progress=False)
+    btx = build(build_config(model=dense, out=tmp_path / "btx", method="btx", expert_model=[dense] * 3, router_std=0.1), progress=False)
+    ours, theirs = load_file(btx / "model.safetensors"), load_file(upcycled / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_btx_experts_are_the_fine_tunes_ffns_and_the_rest_is_their_mean(tiny_models, fine_tunes, tmp_path):
+    base = tiny_models["llama"]
+    assert main(["build", str(base), "--out", str(tmp_path / "btx"), "--method", "btx", *sum((["--expert-model", str(f)] for f in fine_tunes), []),
+                 "--layout", "fused"]) == 0
+    moe = AutoModelForCausalLM.from_pretrained(tmp_path / "btx", dtype=torch.float32)
+    assert moe.config.num_local_experts == 2 and moe.config.num_experts_per_tok == 2
+    sources = [load_file(f / "model.safetensors") for f in fine_tunes]
+    state = moe.state_dict()
+    for layer in range(2):
+        prefix = f"model.layers.{layer}"
+        for e, source in enumerate(sources):
+            gate_up = torch.cat([source[f"{prefix}.mlp.gate_proj.weight"], source[f"{prefix}.mlp.up_proj.weight"]])
+            assert torch.equal(state[f"{prefix}.mlp.experts.gate_up_proj"][e], gate_up)
+            assert torch.equal(state[f"{prefix}.mlp.experts.down_proj"][e], source[f"{prefix}.mlp.down_proj.weight"])
+        q = f"{prefix}.self_attn.q_proj.weight"
+        torch.testing.assert_close(state[q], (sources[0][q] + sources[1][q]) / 2, rtol=0, atol=1e-7)
+    torch.testing.assert_close(state["model.embed_tokens.weight"],
+                               (sources[0]["model.embed_tokens.weight"] + sources[1]["model.embed_tokens.weight"]) / 2, rtol=0, atol=1e-7)
+
+    # --merge-others base: attention and embeddings are MODEL's, as mergekit-moe does.
+    assert main(["build", str(base), "--out", str(tmp_path / "based"), "--method", "btx", "--merge-others", "base",
+                 *sum((["--expert-model", str(f)] for f in fine_tunes), [])]) == 0
+    based = load_file(tmp_path / "based" / "model.safetensors")
+    dense = load_file(base / "model.safetensors")
+    assert torch.equal(based["model.layers.1.self_attn.q_proj.weight"], dense["model.layers.1.self_attn.q_proj.weight"])
+
+
+def test_btx_online_is_bit_identical_to_build(tiny_models, fine_tunes, tiny_data, tmp_path):
+    from tests.test_online import TRAIN_FLAGS, _assert_same_as_offline, _initial_weights
+    from transformers import AutoConfig
+
+    flags = ["--method", "btx", *sum((["--expert-model", str(f)] for f in fine_tunes), []), "--router-std", "0.1"]
+    dense = str(tiny_models["llama"])
+    assert main(["build", dense, "--out", str(tmp_path / "offline"), *flags]) == 0
+    assert main(["train", "--from-dense", dense, "--data", str(tiny_data), "--out", str(tmp_path / "run"), *TRAIN_FLAGS, *flags,
+                 "--stop-after-steps", "0"]) == 0
+    _assert_same_as_offline(_initial_weights(tmp_path / "run", AutoConfig.from_pretrained(tmp_path / "offline")), tmp_path / "offline")
+
+
+def _expert_choices(model_dir: Path, texts: list[str]) -> list[torch.Tensor]:
+    """Per text: [layers, E] mean router probability of each expert over its tokens, in the stock model."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            logits = model(torch.tensor([tokenizer(text)["input_ids"]]), output_router_logits=True).router_logits
+            out.append(torch.stack([layer.softmax(-1).mean(0) for layer in logits]))
+    return out
+
+
+def test_prompt_routers_route_each_prompt_set_to_its_expert(tiny_models, tmp_path, capsys):
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(yaml.safe_dump(PROMPTS))
+    assert main(["build", str(tiny_models["llama"]), "--out", str(tmp_path / "moe"), "--num-experts", "3", "--top-k", "1",
+                 "--router-init", "prompts", "--expert-prompts", str(prompts)]) == 0
+    assert "router rows from 3 prompt sets" in capsys.readouterr().err
+    for expert, entry in enumerate(PROMPTS):
+        for probabilities in _expert_choices(tmp_path / "moe", entry["positive"]):
+            assert (probabilities.argmax(dim=1) == expert).all(), (expert, probabilities)
+    # An upcycled MoE routed by prompts still computes the dense model (every expert is the FFN).
+    ids = torch.arange(1, 30)[None]
+    dense = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32).eval()
+    moe = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_negative_prompts_move_the_router_away(tiny_models, tmp_path):
+    """Expert 0's negatives are expert 1's prompts: expert 0 must lose expert 1's tokens to it by a wider margin."""
+    def margin(entries: list[dict], name: str) -> float:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(entries))
+        build(build_config(model=str(tiny_models["llama"]), out=tmp_path / name, num_experts=3, router_init="prompts",
+                          expert_prompts=path), progress=False)
+        probabilities = torch.stack(_expert_choices(tmp_path / name, PROMPTS[1]["positive"]))
+        return (probabilities[..., 1] - probabilities[..., 0]).mean().item()
+
+    negative = [{**PROMPTS[0], "negative": PROMPTS[1]["positive"]}, PROMPTS[1], PROMPTS[2]]
+    assert margin(negative, "with-negatives") > margin(PROMPTS, "without")
+
+
+def test_calibration_router_sends_each_domain_to_its_expert(tiny_models, tmp_path, capsys):
+    texts = {"digits": " ".join(str(i * 7919 % 10000) for i in range(3000)), "shout": " ".join(["HELLO WORLD QUICK BROWN FOX"] * 400)}
+    sources = []
+    for name, text in texts.items():
+        (tmp_path / f"{name}.txt").write_text(text)
+        sources.append(f"{name}={tmp_path / f'{name}.txt'}")
+    assert main(["build", str(tiny_models["llama"]), "--out", str(tmp_path / "moe"), "--num-experts", "2", "--top-k", "1",
+                 "--router-init", "calibration", "--calibration", ",".join(sources), "--calibration-tokens", "1024",
+                 "--calibration-seq-len", "64"]) == 0
+    assert "0: digits, 1: shout" in capsys.readouterr().err
+    digits, shout = _expert_choices(tmp_path / "moe", ["4821 9035 1177 6203", "QUICK BROWN HELLO FOX WORLD"])
+    assert (digits.argmax(dim=1) == 0).all() and (shout.argmax(dim=1) == 1).all()
+
+
+def test_prompt_routers_refused_online(tiny_models, tiny_data, tmp_path, capsys):
+    from tests.test_online import TRAIN_FLAGS
+
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(yaml.safe_dump(PROMPTS))
+    assert main(["train", "--from-dense", str(tiny_models["llama"]), "--data", str(tiny_data), "--out", str(tmp_path / "run"), *TRAIN_FLAGS,
+                 "--num-experts", "3", "--router-init", "prompts", "--expert-prompts", str(prompts)]) == 2
+    assert "`moeify build` the MoE once" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_unrelated_model_of_the_same_shape_is_not_a_fine_tune(tiny_models, tmp_path, capsys):
+    other = save_tiny(TINY_CONFIGS["llama"](), tmp_path / "other", seed=7)
+    assert main(["build", str(tiny_models["llama"]), "--out", str(tmp_path / "out"), "--method", "btx",
+                 "--expert-model", str(tiny_models["llama"]), "--expert-model", str(other)]) == 2
+    assert "does not share MODEL's base: their token embeddings have cosine" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
