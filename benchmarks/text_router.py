@@ -1,10 +1,11 @@
 """Routers from text on SmolLM2-135M: does held-out text of each domain go to the expert built for it?
 
-Three 3-expert top-1 upcycles of SmolLM2 (every expert the dense FFN, so the MoE computes the dense
+Four 3-expert top-1 upcycles of SmolLM2 (every expert the dense FFN, so the MoE computes the dense
 model and only the routing differs), one per router: random N(0, 0.02) (the baseline), rows from
 the calibration domains (`--router-init calibration --calibration embedded`: code, docstrings,
 reference) and rows from prompts (`--router-init prompts --expert-prompts benchmarks/prompts_embedded.yaml`,
-four prompts per domain, written by hand). Each is scored with `moeify eval` on the embedded corpus's
+four prompts per domain, written by hand, one negative prompt for docstrings), also with mergekit's
+row rule (`--text-router-rule mergekit`). Each is scored with `moeify eval` on the embedded corpus's
 held-out tenth (never used for calibration); for each domain d we report the share of its tokens
 whose expert is d: mean over the 30 layers and the worst layer. Chance is 1/3.
 Usage: python benchmarks/text_router.py [--eval-tokens 4096] [--out benchmarks/results/text_router.json]
@@ -22,6 +23,7 @@ ROUTERS = {
     "random": {"router_init": "normal"},
     "calibration": {"router_init": "calibration", "calibration": "embedded"},
     "prompts": {"router_init": "prompts", "expert_prompts": str(PROMPTS)},
+    "prompts, mergekit's rule": {"router_init": "prompts", "expert_prompts": str(PROMPTS), "text_router_rule": "mergekit"},
 }
 
 
@@ -52,10 +54,10 @@ def main() -> None:
                              "bits_per_byte": entry["all_domains"]["bits_per_byte"]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"eval_tokens_per_domain": args.eval_tokens, "results": results}, indent=2) + "\n")
-    print(f"{'router':<12}" + "".join(f"{d:>22}" for d in DOMAINS) + f"{'build s':>9}")
+    print(f"{'router':<26}" + "".join(f"{d:>22}" for d in DOMAINS) + f"{'build s':>9}")
     for name, r in results.items():
         cells = "".join(f"{r['own_expert_share'][d]['mean']:>14.0%} (min {r['own_expert_share'][d]['worst_layer']:.0%})" for d in DOMAINS)
-        print(f"{name:<12}{cells}{r['build_seconds']:>9.0f}")
+        print(f"{name:<26}{cells}{r['build_seconds']:>9.0f}")
 
 
 if __name__ == "__main__":

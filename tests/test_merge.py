@@ -160,3 +160,22 @@ def test_unrelated_model_of_the_same_shape_is_not_a_fine_tune(tiny_models, tmp_p
                  "--expert-model", str(tiny_models["llama"]), "--expert-model", str(other)]) == 2
     assert "does not share MODEL's base: their token embeddings have cosine" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_text_router_rules(tiny_models, tmp_path):
+    """mergekit's rule: unit rows of the mean MLP inputs. centred: rows orthogonal to the experts' common centre,
+    which mergekit's rows are dominated by (their pairwise cosines are near 1)."""
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(yaml.safe_dump(PROMPTS))
+    rows = {}
+    for rule in ("mergekit", "centred"):
+        out = build(build_config(model=str(tiny_models["llama"]), out=tmp_path / rule, num_experts=3, expert_prompts=prompts,
+                                 text_router_rule=rule), progress=False)
+        state = load_file(out / "model.safetensors")
+        rows[rule] = [state[f"model.layers.{layer}.block_sparse_moe.gate.weight"] for layer in range(2)]
+    for mergekit, centred in zip(rows["mergekit"], rows["centred"]):
+        torch.testing.assert_close(mergekit.norm(dim=1), torch.ones(3))
+        centre = torch.nn.functional.normalize(mergekit.sum(0), dim=0)  # the unit means' sum points along their centre
+        assert (mergekit @ centre).min() > 0.5
+        cosines = torch.nn.functional.normalize(centred, dim=1) @ torch.nn.functional.normalize(centred, dim=1).T
+        assert cosines.triu(1).max() < 0.5

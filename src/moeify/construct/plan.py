@@ -140,7 +140,9 @@ class ConstructionPlan:
                         format=format_name, method=self.method.name, num_experts=self.num_experts, top_k=self.top_k,
                         expert_size=self.expert_size, shared_size=self.shared_size, scale=self.scale, seed=self.config.seed,
                         router={**asdict(router.spec()), "router_std": router.router_std, "router_init": self.router_init,
-                                **({"mlp_gate_init": router.mlp_gate_init} if router.gate == "mlp" else {})},
+                                **({"mlp_gate_init": router.mlp_gate_init} if router.gate == "mlp" else {}),
+                                **({"text_router_rule": router.text_router_rule} if self.router_init in TEXT_ROUTER_INITS else {}),
+                                **({"expert_prompts": str(router.expert_prompts)} if router.expert_prompts is not None else {})},
                         options=method_options(self.config), scale_placement=self.config.scale_placement,
                         partition=str(self.config.partition) if self.config.partition is not None else None)
 

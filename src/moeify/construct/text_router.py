@@ -1,13 +1,17 @@
 """Router rows from text: one set of prompts (or one calibration domain) per expert.
 
 mergekit-moe's `hidden` gate mode, on the input the router actually sees. For expert e and layer L,
-m_e = mean over the tokens of e's positive prompts of the MLP input (the post-attention norm's output),
-minus the same mean over e's negative prompts where it has any. The rows are the m_e normalised to
-unit length (as mergekit does: a token at m_e then scores highest on row e, whatever the norms of
-the other means), less their mean over the experts (a vector common to every row changes no top-k
-and no softmax, but sigmoid scores would carry it), scaled together so that the logits over the
-prompt tokens have unit standard deviation. mergekit takes the residual stream entering the layer,
-at each prompt's last token by default.
+p_e = mean over the tokens of e's positive prompts of the MLP input (the post-attention norm's
+output), n_e the same over e's negative prompts.
+- `centred` (default): with mu the mean of the p_e, c_e = p_e - n_e where e has negatives, else
+  p_e - mu; each c_e loses its component along mu and is normalised; the rows are scaled together
+  so the logits over the prompt tokens have unit standard deviation. Removing mu makes w_e . x =
+  w_e . (x - mu): tokens are compared with the experts' means around their common centre (for two
+  experts the boundary is the midpoint), and a difference-only row (one with negatives) competes
+  on equal terms with the others.
+- `mergekit`: rows p_e - n_e (n_e = 0 without negatives), each of unit length, unscaled. The common
+  component of the hidden states dominates such rows: an expert whose row is a difference rarely wins.
+mergekit itself takes the residual stream entering the layer, at each prompt's last token by default.
 """
 
 import sys
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
@@ -131,6 +136,7 @@ def _run(model: torch.nn.Module, texts: list[list[int]], progress: tqdm) -> _MLP
 
 def text_router_rows(dense: DenseCheckpoint, config: ConstructionConfig, mode: str, progress: bool = True) -> list[torch.Tensor]:
     """Router weight [E, D] (fp32) per layer from each expert's prompts (`prompts`) or calibration domain (`calibration`)."""
+    rule = config.router.text_router_rule
     texts, given = _texts(dense, config, mode)
     model = calib.load_dense_model(dense.path)
     count = sum(len(t.positive) + len(t.negative) for t in texts)
@@ -139,17 +145,28 @@ def text_router_rows(dense: DenseCheckpoint, config: ConstructionConfig, mode: s
         negative = [_run(model, t.negative, bar) if t.negative else None for t in texts]
     rows, routed = [], []
     for layer in range(dense.num_layers):
-        means_ED = torch.stack([p.mean(layer) - (n.mean(layer) if n is not None else 0) for p, n in zip(positive, negative)])
-        rows_ED = torch.nn.functional.normalize(means_ED, dim=1).float()
-        if len(texts) > 1:
-            rows_ED = rows_ED - rows_ED.mean(0)
+        rows_ED = _rows([p.mean(layer) for p in positive], [n.mean(layer) if n is not None else None for n in negative], rule)
         samples = [torch.cat(p.samples[layer]) for p in positive]
         logits = [x_TD @ rows_ED.T for x_TD in samples]
-        scale = 1 / torch.cat(logits).std().clamp(min=1e-12)
-        rows.append(rows_ED * scale)
-        routed.append([(l.argmax(1) == e).float().mean().item() for e, l in enumerate(logits)])
+        if rule == "centred":
+            scale = 1 / torch.cat(logits).std().clamp(min=1e-12)
+            rows_ED, logits = rows_ED * scale, [scores * scale for scores in logits]
+        rows.append(rows_ED)
+        routed.append([(scores.argmax(1) == e).float().mean().item() for e, scores in enumerate(logits)])
     _note(routed, given, mode)
     return rows
+
+
+def _rows(positive_E: list[torch.Tensor], negative_E: list[torch.Tensor | None], rule: str) -> torch.Tensor:
+    """[E, D] unit rows (fp32) from the experts' mean MLP inputs (fp64), by the rule in the module docstring."""
+    if rule == "mergekit":
+        return F.normalize(torch.stack([p - (n if n is not None else 0) for p, n in zip(positive_E, negative_E)]), dim=1).float()
+    mu_D = torch.stack(positive_E).mean(0)
+    centred_ED = torch.stack([p - (n if n is not None else mu_D) for p, n in zip(positive_E, negative_E)])
+    if len(positive_E) > 1:
+        unit_D = F.normalize(mu_D, dim=0)
+        centred_ED = centred_ED - (centred_ED @ unit_D)[:, None] * unit_D
+    return F.normalize(centred_ED, dim=1).float()
 
 
 def _note(routed: list[list[float]], given: list[str], mode: str) -> None:
