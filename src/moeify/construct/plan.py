@@ -81,7 +81,7 @@ class ConstructionPlan:
             raise MoeifyError(f"--expert-model is read by --method btx, not {method.name}; add --method btx or drop --expert-model")
         if method.name == "btx":
             plan.expert_models = open_expert_models(dense, config)
-        if plan.router_init in ("prompts", "calibration"):
+        if plan.router_init in TEXT_ROUTER_INITS:
             if not compute_partition:
                 raise MoeifyError(f"--router-init {plan.router_init} runs the dense model on its text, which online upcycling does not "
                                   f"do on every rank: `moeify build` the MoE once and train the built checkpoint")
@@ -196,15 +196,16 @@ class ConstructionPlan:
     def tensor(self, dense: DenseCheckpoint, name: str) -> torch.Tensor:
         """A tensor outside the MoE layers (attention, norms, embeddings, head): the dense model's, or
         for btx the mean over the expert models (`--merge-others average`)."""
-        if self.expert_models is None or self.config.merge.merge_others == "base":
-            return dense.get(name)
-        return merged([model.get(name) for model in self.expert_models])
+        return merged([model.get(name) for model in self._non_ffn_sources(dense)])
 
     def block(self, dense: DenseCheckpoint, name: str, box: tuple[slice, ...]) -> torch.Tensor:
         """A box of `tensor(dense, name)`, read without the rest (online upcycling fills its shards so)."""
+        return merged([model.block(name, box) for model in self._non_ffn_sources(dense)])
+
+    def _non_ffn_sources(self, dense: DenseCheckpoint) -> list[DenseCheckpoint]:
         if self.expert_models is None or self.config.merge.merge_others == "base":
-            return dense.block(name, box)
-        return merged([model.block(name, box) for model in self.expert_models])
+            return [dense]
+        return self.expert_models
 
     def layer(self, dense: DenseCheckpoint, layer: int) -> MoELayer:
         """Layer `layer`'s canonical MoE tensors; experts are made when asked for (LazyExperts)."""
