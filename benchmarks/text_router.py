@@ -1,11 +1,11 @@
 """Routers from text on SmolLM2-135M: does held-out text of each domain go to the expert built for it?
 
-Four 3-expert top-1 upcycles of SmolLM2 (every expert the dense FFN, so the MoE computes the dense
+Six 3-expert top-1 upcycles of SmolLM2 (every expert the dense FFN, so the MoE computes the dense
 model and only the routing differs), one per router: random N(0, 0.02) (the baseline), rows from
 the calibration domains (`--router-init calibration --calibration embedded`: code, docstrings,
 reference) and rows from prompts (`--router-init prompts --expert-prompts benchmarks/prompts_embedded.yaml`,
-four prompts per domain, written by hand, one negative prompt for docstrings), also with mergekit's
-row rule (`--text-router-rule mergekit`). Each is scored with `moeify eval` on the embedded corpus's
+four prompts per domain, written by hand, one negative prompt for docstrings), each by the default
+least-squares rule and by `--text-router-rule centred`, and the prompts by mergekit's rule. Each is scored with `moeify eval` on the embedded corpus's
 held-out tenth (never used for calibration); for each domain d we report the share of its tokens
 whose expert is d: mean over the 30 layers and the worst layer. Chance is 1/3.
 Usage: python benchmarks/text_router.py [--eval-tokens 4096] [--out benchmarks/results/text_router.json]
@@ -22,7 +22,9 @@ DOMAINS = ("code", "docstrings", "reference")  # expert e is built for DOMAINS[e
 ROUTERS = {
     "random": {"router_init": "normal"},
     "calibration": {"router_init": "calibration", "calibration": "embedded"},
+    "calibration, centred": {"router_init": "calibration", "calibration": "embedded", "text_router_rule": "centred"},
     "prompts": {"router_init": "prompts", "expert_prompts": str(PROMPTS)},
+    "prompts, centred": {"router_init": "prompts", "expert_prompts": str(PROMPTS), "text_router_rule": "centred"},
     "prompts, mergekit's rule": {"router_init": "prompts", "expert_prompts": str(PROMPTS), "text_router_rule": "mergekit"},
 }
 

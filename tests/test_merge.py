@@ -115,18 +115,18 @@ def test_prompt_routers_route_each_prompt_set_to_its_expert(tiny_models, tmp_pat
         torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=0, atol=1e-5)
 
 
-def test_negative_prompts_move_the_router_away(tiny_models, tmp_path):
-    """Expert 0's negatives are expert 1's prompts: expert 0 must lose expert 1's tokens to it by a wider margin."""
-    def margin(entries: list[dict], name: str) -> float:
+@pytest.mark.parametrize("rule", ["fit", "centred", "mergekit"])
+def test_negative_prompts_move_the_router_away(rule, tiny_models, tmp_path):
+    """Expert 0's negatives are expert 1's prompts: expert 0 must get less of those prompts' routing weight."""
+    def weight_of_expert_0(entries: list[dict], name: str) -> float:
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(entries))
         build(build_config(model=str(tiny_models["llama"]), out=tmp_path / name, num_experts=3, router_init="prompts",
-                          expert_prompts=path), progress=False)
-        probabilities = torch.stack(_expert_choices(tmp_path / name, PROMPTS[1]["positive"]))
-        return (probabilities[..., 1] - probabilities[..., 0]).mean().item()
+                          expert_prompts=path, text_router_rule=rule), progress=False)
+        return torch.stack(_expert_choices(tmp_path / name, PROMPTS[1]["positive"]))[..., 0].mean().item()
 
     negative = [{**PROMPTS[0], "negative": PROMPTS[1]["positive"]}, PROMPTS[1], PROMPTS[2]]
-    assert margin(negative, "with-negatives") > margin(PROMPTS, "without")
+    assert weight_of_expert_0(negative, "with-negatives") < weight_of_expert_0(PROMPTS, "without")
 
 
 def test_calibration_router_sends_each_domain_to_its_expert(tiny_models, tmp_path, capsys):
@@ -179,3 +179,36 @@ def test_text_router_rules(tiny_models, tmp_path):
         assert (mergekit @ centre).min() > 0.5
         cosines = torch.nn.functional.normalize(centred, dim=1) @ torch.nn.functional.normalize(centred, dim=1).T
         assert cosines.triu(1).max() < 0.5
+
+
+def test_fitted_rows_are_the_least_squares_solution(tiny_models, tmp_path):
+    """The fit's rows against a direct weighted ridge regression on the MLP inputs of the prompt tokens."""
+    from moeify.construct.text_router import FIT_RIDGE
+
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(yaml.safe_dump(PROMPTS))
+    out = build(build_config(model=str(tiny_models["llama"]), out=tmp_path / "fit", num_experts=3, expert_prompts=prompts,
+                             router_std=0.0), progress=False)
+    row_0 = load_file(out / "model.safetensors")["model.layers.0.block_sparse_moe.gate.weight"].double()
+    dense = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float64).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    xs, weights, targets = [], [], []
+    captured = []
+    dense.model.layers[0].mlp.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0][0]))
+    for expert, entry in enumerate(PROMPTS):
+        captured.clear()
+        with torch.no_grad():
+            for prompt in entry["positive"]:
+                dense(torch.tensor([tokenizer(prompt)["input_ids"]]))
+        x = torch.cat(captured)
+        xs.append(x)
+        weights.append(torch.full((len(x),), 1 / len(x), dtype=torch.float64))
+        targets.append((torch.eye(3, dtype=torch.float64)[expert] - 1 / 3).expand(len(x), 3))
+    x, w, t = torch.cat(xs), torch.cat(weights), torch.cat(targets)
+    gram = (x * w[:, None]).T @ x
+    solution = torch.linalg.solve(gram + FIT_RIDGE * gram.diagonal().mean() * torch.eye(len(gram), dtype=torch.float64),
+                                  (x * w[:, None]).T @ t).T
+    # The built rows are the solution scaled to unit logit std: the same up to one positive factor.
+    factor = (row_0 * solution).sum() / (solution * solution).sum()
+    assert factor > 0
+    torch.testing.assert_close(row_0, factor * solution, rtol=1e-4, atol=1e-5)

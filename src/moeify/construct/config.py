@@ -32,9 +32,9 @@ class RouterOptions:
     """auto | normal | virtual-group (granular-upcycle) | centroids (clustering) | fitted (carve) | prompts (rows
     from the MLP inputs of each expert's prompts, --expert-prompts; mergekit's hidden mode) | calibration (one
     --calibration domain per expert)."""
-    text_router_rule: Literal["centred", "mergekit"] = "centred"
-    """prompts/calibration: rows from the experts' mean MLP inputs around their common centre (scaled to unit
-    logit std), or mergekit's unit (positive - negative) means."""
+    text_router_rule: Literal["fit", "centred", "mergekit"] = "fit"
+    """prompts/calibration: ridge least squares of each text's expert on its tokens' MLP inputs (fit), the experts'
+    mean MLP inputs around their common centre (centred), or mergekit's unit (positive - negative) means."""
     expert_prompts: Path | None = None
     """--router-init prompts: a YAML/JSON list with one entry per expert, `positive: [prompts]` and optionally
     `negative: [prompts]` (mergekit's positive_prompts/negative_prompts are read too)."""

@@ -3,7 +3,12 @@
 mergekit-moe's `hidden` gate mode, on the input the router actually sees. For expert e and layer L,
 p_e = mean over the tokens of e's positive prompts of the MLP input (the post-attention norm's
 output), n_e the same over e's negative prompts.
-- `centred` (default): with mu the mean of the p_e, c_e = p_e - n_e where e has negatives, else
+- `fit` (default): the rows W that best predict, by ridge least squares, each text set's expert from
+  its tokens' MLP inputs (targets: the centred one-hot of the expert, negated for negative prompts;
+  every set weighs the same), W^T = (G + lambda I)^-1 B, from G = sum over sets of the mean x x^T and
+  B = sum of the sets' means times their targets: a discriminant that uses the spread of the tokens,
+  not only their means (one D x D matrix per layer in memory). Scaled like `centred`.
+- `centred`: with mu the mean of the p_e, c_e = p_e - n_e where e has negatives, else
   p_e - mu; each c_e loses its component along mu and is normalised; the rows are scaled together
   so the logits over the prompt tokens have unit standard deviation. Removing mu makes w_e . x =
   w_e . (x - mu): tokens are compared with the experts' means around their common centre (for two
@@ -29,6 +34,7 @@ from moeify.construct.config import ConstructionConfig
 from moeify.data.text import load_tokenizer
 from moeify.errors import MoeifyError
 
+FIT_RIDGE = 0.01  # the fit's ridge, relative to the mean diagonal of G
 SAMPLE_TOKENS = 512  # tokens per expert and layer kept to scale the rows and report how they route
 POSITIVE_KEYS, NEGATIVE_KEYS = ("positive", "positive_prompts"), ("negative", "negative_prompts")
 
@@ -96,18 +102,22 @@ def _texts(dense: DenseCheckpoint, config: ConstructionConfig, mode: str) -> tup
 
 
 class _MLPInputs:
-    """Per layer: the sum and count of the MLP inputs of the tokens run, and the first SAMPLE_TOKENS of them."""
+    """Per layer: the sum and count of the MLP inputs of the tokens run, and the first SAMPLE_TOKENS of
+    them; with `gram` ([L] of [D, D] fp64, shared by every text set), x x^T of each token added with `weight`."""
 
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, gram: list[torch.Tensor] | None, weight: float):
         self.sums: list[torch.Tensor | float] = [0.0] * num_layers
         self.count = 0
         self.samples: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self.kept = 0
+        self.gram, self.weight = gram, weight
 
     def hook(self, layer: int):
         def record(module, inputs):
             x_TD = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
             self.sums[layer] = self.sums[layer] + x_TD.sum(0)
+            if self.gram is not None:
+                self.gram[layer].addmm_(x_TD.T, x_TD, alpha=self.weight)
             room = SAMPLE_TOKENS - self.kept
             if room > 0:
                 self.samples[layer].append(x_TD[:room].float())
@@ -118,9 +128,10 @@ class _MLPInputs:
 
 
 @torch.no_grad()
-def _run(model: torch.nn.Module, texts: list[list[int]], progress: tqdm) -> _MLPInputs:
+def _run(model: torch.nn.Module, texts: list[list[int]], progress: tqdm, gram: list[torch.Tensor] | None = None) -> _MLPInputs:
+    """Every text through the model; each set weighs 1 in `gram` (each token 1 / the set's tokens)."""
     layers = model.model.layers
-    record = _MLPInputs(len(layers))
+    record = _MLPInputs(len(layers), gram, 1 / max(1, sum(len(ids) for ids in texts)))
     handles = [layer.mlp.register_forward_pre_hook(record.hook(i)) for i, layer in enumerate(layers)]
     try:
         for ids in texts:
@@ -140,15 +151,17 @@ def text_router_rows(dense: DenseCheckpoint, config: ConstructionConfig, mode: s
     texts, given = _texts(dense, config, mode)
     model = calib.load_dense_model(dense.path)
     count = sum(len(t.positive) + len(t.negative) for t in texts)
+    gram = [torch.zeros(dense.hidden_size, dense.hidden_size, dtype=torch.float64) for _ in range(dense.num_layers)] if rule == "fit" else None
     with tqdm(total=count, desc=f"router from {mode}", unit="text", disable=not progress, file=sys.stderr) as bar:
-        positive = [_run(model, t.positive, bar) for t in texts]
-        negative = [_run(model, t.negative, bar) if t.negative else None for t in texts]
+        positive = [_run(model, t.positive, bar, gram) for t in texts]
+        negative = [_run(model, t.negative, bar, gram) if t.negative else None for t in texts]
     rows, routed = [], []
     for layer in range(dense.num_layers):
-        rows_ED = _rows([p.mean(layer) for p in positive], [n.mean(layer) if n is not None else None for n in negative], rule)
+        means = [p.mean(layer) for p in positive], [n.mean(layer) if n is not None else None for n in negative]
+        rows_ED = _fitted_rows(*means, gram[layer]) if gram is not None else _rows(*means, rule)
         samples = [torch.cat(p.samples[layer]) for p in positive]
         logits = [x_TD @ rows_ED.T for x_TD in samples]
-        if rule == "centred":
+        if rule != "mergekit":
             scale = 1 / torch.cat(logits).std().clamp(min=1e-12)
             rows_ED, logits = rows_ED * scale, [scores * scale for scores in logits]
         rows.append(rows_ED)
@@ -167,6 +180,20 @@ def _rows(positive_E: list[torch.Tensor], negative_E: list[torch.Tensor | None],
         unit_D = F.normalize(mu_D, dim=0)
         centred_ED = centred_ED - (centred_ED @ unit_D)[:, None] * unit_D
     return F.normalize(centred_ED, dim=1).float()
+
+
+def _fitted_rows(positive_E: list[torch.Tensor], negative_E: list[torch.Tensor | None], gram_DD: torch.Tensor) -> torch.Tensor:
+    """Ridge least squares W = argmin sum over text sets s of mean over its tokens ||W x - t_s||^2 + lambda ||W||^2,
+    t_s the centred one-hot of its expert (negated for negative prompts), every set weighing 1:
+    W^T = (G + lambda I)^-1 B with G = sum_s mean_s x x^T (`gram_DD`) and B = sum_s mean_s(x) t_s^T."""
+    E = len(positive_E)
+    targets_EE = torch.eye(E, dtype=torch.float64) - 1 / E
+    b_DE = torch.stack(positive_E, dim=1) @ targets_EE
+    for e, negative in enumerate(negative_E):
+        if negative is not None:
+            b_DE -= negative[:, None] * targets_EE[e][None]
+    ridge = FIT_RIDGE * gram_DD.diagonal().mean()
+    return torch.linalg.solve(gram_DD + ridge * torch.eye(len(gram_DD), dtype=torch.float64), b_DE).T.float()
 
 
 def _note(routed: list[list[float]], given: list[str], mode: str) -> None:
