@@ -26,6 +26,7 @@ EXACT = {
     "mixtral-8x2": ("smollm2", "mixtral", UPCYCLE),
     "qwen2_moe-8x8": ("smollm2", "qwen2_moe", ALL_EXPERTS),  # tied embeddings: needs the explicit lm_head
     "qwen3_moe-8x2": ("qwen3", "qwen3_moe", UPCYCLE),
+    "qwen3_moe-8x2-fused": ("qwen3", "qwen3_moe", [*UPCYCLE, "--layout", "fused"]),  # its converter splits gate_up_proj
 }
 
 
@@ -86,3 +87,10 @@ def test_llama_cpp_differs_where_moeify_says_so(llama, heldout, dense_models, de
     value = _moe_perplexity(llama, heldout, dense_models["smollm2"], "qwen2_moe", UPCYCLE, tmp_path)
     assert "llama.cpp runs Qwen2-MoE without renormalising" in capsys.readouterr().err
     assert abs(value / dense_perplexity["smollm2"] - 1) > 1e-2
+
+
+def test_llama_cpp_refuses_a_fused_mixtral_as_moeify_says(llama, dense_models, tmp_path, capsys):
+    assert main(["build", str(dense_models["smollm2"]), "--num-experts", "2", "--layout", "fused", "--out", str(tmp_path / "moe")]) == 0
+    assert "llama.cpp's converter reads Mixtral experts only per expert" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="Can not map tensor 'model.layers.0.mlp.experts.gate_up_proj'"):
+        convert(llama, tmp_path / "moe", tmp_path / "moe.gguf")

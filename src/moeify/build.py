@@ -69,7 +69,7 @@ def build(config: BuildConfig, progress: bool = True) -> Path:
         written = write_checkpoint(out, tensors, moe_config, dense.path, manifest, config.force, int(config.max_shard_mb * (1 << 20)))
     finally:
         tensors.close()  # a failed write still ends the progress bar's line
-    print_engine_limits(fmt, moe_config)
+    print_engine_limits(fmt, moe_config, layout)
     return written
 
 

@@ -70,7 +70,7 @@ def export_model(source: Path, out: Path, force: bool = False, dtype: str = "aut
     items = cast_floating(sorted(tensors.items()), DTYPES.get(dtype), fmt.keeps_fp32)
     write_checkpoint(out, items, config, source, manifest.replace(format=fmt.name, exported_from=str(source), layout=layout),
                      force, check=check)
-    print_engine_limits(fmt, config)
+    print_engine_limits(fmt, config, layout)
     return out, difference["max"]
 
 

@@ -41,8 +41,8 @@ class MoEFeatures:
         return self.router.routing in ("topk-softmax", "softmax-topk")
 
 
-def print_engine_limits(fmt: "OutputFormat", config: PretrainedConfig) -> None:
-    for line in fmt.engine_limits(config):
+def print_engine_limits(fmt: "OutputFormat", config: PretrainedConfig, layout: str) -> None:
+    for line in fmt.engine_limits(config, layout):
         print(f"moeify: note: {line}", file=sys.stderr)
 
 
@@ -137,9 +137,10 @@ class OutputFormat:
     # embedding is also written as lm_head.weight; the config stays tied, so training keeps them one.
     explicit_lm_head: ClassVar[bool] = False
 
-    def engine_limits(self, config: PretrainedConfig) -> list[str]:
-        """One line per inference engine that would not compute this checkpoint exactly (build and
-        export print them); empty when transformers, llama.cpp and vLLM all run it as written."""
+    def engine_limits(self, config: PretrainedConfig, layout: str = "per-expert") -> list[str]:
+        """One line per inference engine that would not compute (or read) this checkpoint exactly in
+        this on-disk layout (build and export print them); empty when transformers, llama.cpp and vLLM
+        all run it as written."""
         return []
 
     def complete(self, layer: MoELayer) -> MoELayer:

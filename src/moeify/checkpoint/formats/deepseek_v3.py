@@ -44,7 +44,7 @@ class DeepseekV3Style(OutputFormat):
             raise MoeifyError("moeify trains DeepSeek-V3-style models with routed_scaling_factor 1 and one expert group")
         return RouterSpec("sigmoid-topk", renormalize=config.norm_topk_prob)
 
-    def engine_limits(self, config: PretrainedConfig) -> list[str]:
+    def engine_limits(self, config: PretrainedConfig, layout: str = "per-expert") -> list[str]:
         return ["llama.cpp's converter reads GLM's own special tokens ([gMASK], <|user|>) for Glm4MoeForCausalLM and stops on "
                 "any other tokenizer, so this checkpoint does not convert to GGUF; transformers runs it exactly"]
 

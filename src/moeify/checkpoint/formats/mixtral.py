@@ -24,6 +24,12 @@ class Mixtral(OutputFormat):
             return "Mixtral has no shared expert"
         return super().supports(dense, features)
 
+    def engine_limits(self, config: PretrainedConfig, layout: str = "per-expert") -> list[str]:
+        if layout == "fused":  # its converter (conversion/llama.py) reads Mixtral experts only as block_sparse_moe.experts.N.wK
+            return ["llama.cpp's converter reads Mixtral experts only per expert (block_sparse_moe.experts.N.w1/w2/w3) and stops "
+                    "on the fused layout's mlp.experts.gate_up_proj; write --layout per-expert for llama.cpp"]
+        return []
+
     def moe_fields(self, dense: PretrainedConfig, num_experts: int, top_k: int, expert_size: int, features: MoEFeatures) -> dict:
         return {"intermediate_size": expert_size, "num_local_experts": num_experts, "num_experts_per_tok": top_k,
                 "router_aux_loss_coef": 0.01, "router_jitter_noise": 0.0}

@@ -63,7 +63,7 @@ class Qwen2Moe(OutputFormat):
     def router_spec(self, config: PretrainedConfig) -> RouterSpec:
         return qwen_router_spec(config)
 
-    def engine_limits(self, config: PretrainedConfig) -> list[str]:
+    def engine_limits(self, config: PretrainedConfig, layout: str = "per-expert") -> list[str]:
         if config.norm_topk_prob:  # llama.cpp's qwen2moe graph never renormalises (src/models/qwen2moe.cpp)
             return ["llama.cpp runs Qwen2-MoE without renormalising the top-k weights (it ignores norm_topk_prob), so there "
                     "this MoE differs; transformers runs it exactly, vLLM reads norm_topk_prob (for llama.cpp: a Llama/Mistral "

@@ -26,7 +26,7 @@ class Qwen3Moe(OutputFormat):
     def router_spec(self, config: PretrainedConfig) -> RouterSpec:
         return qwen_router_spec(config)
 
-    def engine_limits(self, config: PretrainedConfig) -> list[str]:
+    def engine_limits(self, config: PretrainedConfig, layout: str = "per-expert") -> list[str]:
         if not config.norm_topk_prob:  # llama.cpp's qwen3moe graph always renormalises (src/models/qwen3moe.cpp)
             return ["llama.cpp runs Qwen3-MoE always renormalising the top-k weights (it ignores norm_topk_prob=false), so "
                     "there this MoE differs; transformers runs it exactly, vLLM reads norm_topk_prob"]
