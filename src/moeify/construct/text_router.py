@@ -90,7 +90,10 @@ def _texts(dense: DenseCheckpoint, config: ConstructionConfig, mode: str) -> tup
     E = config.num_experts
     if mode == "prompts":
         tokenizer = load_tokenizer(dense.path)
-        encode = lambda texts: [tokenizer(text)["input_ids"] for text in texts]  # noqa: E731
+
+        def encode(texts: list[str]) -> list[list[int]]:
+            return [tokenizer(text)["input_ids"] for text in texts]
+
         prompts = read_expert_prompts(Path(config.router.expert_prompts), E)
         return [ExpertText(encode(pos), encode(neg)) for pos, neg in prompts], [f"{len(pos)} prompts" for pos, _ in prompts]
     data = calib.load_calibration(config.data.calibration, dense.path, config.data.calibration_tokens, config.data.calibration_seq_len)
