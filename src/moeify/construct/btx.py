@@ -51,17 +51,20 @@ def with_expert_count(config: ConstructionConfig) -> ConstructionConfig:
 def open_expert_models(base: DenseCheckpoint, config: ConstructionConfig) -> list[DenseCheckpoint]:
     """The expert models, each checked to be a fine-tune of `base`."""
     models = []
+    base_embeddings: torch.Tensor | None = None  # read once, when the first other model needs it
     for spec in config.merge.expert_model:
         path = resolve_model(spec)
         model = base if Path(path).resolve() == Path(base.path).resolve() else DenseCheckpoint(path)
-        check_same_base(base, model, spec, config.merge.min_base_similarity)
+        if model is not base:
+            if base_embeddings is None:
+                base_embeddings = base.get(EMBEDDINGS).flatten().float()
+            check_same_base(base, base_embeddings, model, spec, config.merge.min_base_similarity)
         models.append(model)
     return models
 
 
-def check_same_base(base: DenseCheckpoint, model: DenseCheckpoint, spec: str, min_similarity: float) -> None:
-    if model is base:
-        return
+def check_same_base(base: DenseCheckpoint, base_embeddings: torch.Tensor, model: DenseCheckpoint, spec: str,
+                    min_similarity: float) -> None:
     for key in BASE_FIELDS:
         ours, theirs = getattr(base.config, key, None), getattr(model.config, key, None)
         if ours != theirs:
@@ -76,7 +79,7 @@ def check_same_base(base: DenseCheckpoint, model: DenseCheckpoint, spec: str, mi
         if base.shape(name) != model.shape(name):
             raise MoeifyError(f"--expert-model {spec}: {name} is {list(model.shape(name))}, MODEL's is {list(base.shape(name))}; "
                               f"btx needs fine-tunes of one base model")
-    similarity = F.cosine_similarity(base.get(EMBEDDINGS).flatten().float(), model.get(EMBEDDINGS).flatten().float(), dim=0).item()
+    similarity = F.cosine_similarity(base_embeddings, model.get(EMBEDDINGS).flatten().float(), dim=0).item()
     if similarity < min_similarity:
         raise MoeifyError(f"--expert-model {spec} does not share MODEL's base: their token embeddings have cosine {similarity:.3f} "
                           f"(below --min-base-similarity {min_similarity:g}); give fine-tunes of MODEL")

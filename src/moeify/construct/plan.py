@@ -123,7 +123,7 @@ class ConstructionPlan:
             raise MoeifyError(f"--router-init {init} is not available with --method {self.method.name}; choose one of: "
                               f"auto, {', '.join(available)} (centroids: --method clustering; "
                               f"virtual-group: --method granular-upcycle; fitted: --method carve)")
-        if init == "prompts" and self.config.router.expert_prompts is None:
+        if init == "prompts" and prompts is None:
             raise MoeifyError("--router-init prompts needs --expert-prompts FILE (one entry of positive prompts per expert)")
         if init == "calibration" and self.config.data.calibration is None:
             raise MoeifyError("--router-init calibration needs --calibration DOMAIN=PATH,... with one domain per expert (or embedded)")
