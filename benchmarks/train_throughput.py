@@ -2,7 +2,9 @@
 
 Reports tokens/s of the full training step (forward, backward, AdamW) for the same batch, and
 compares the slowdown with the ratio of activated FLOPs per token (6 * active matmul params +
-attention). Usage: python benchmarks/train_throughput.py [--steps 5] [--seq-len 256] [--batch 4]
+attention). Also times one AdamW update of the MoE's parameters, fused (what training uses) and
+foreach (torch's default on CPU), since the update scales with all E experts, not the k active.
+Usage: python benchmarks/train_throughput.py [--steps 5] [--seq-len 256] [--batch 4]
 """
 
 import argparse
@@ -10,11 +12,15 @@ import json
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import torch
 
 from moeify.build import build, build_config
 from moeify.checkpoint.resolve import cache_dir, resolve_model
 from moeify.data.prepare import PrepareConfig, prepare
+from moeify.modeling.load import load_moe_model
 from moeify.train.config import TrainConfig
 from moeify.train.loop import train
 
@@ -29,6 +35,25 @@ def measure(model: Path, data: Path, steps: int, batch: int, seq_len: int) -> di
     return {"tokens_per_s": statistics.median(timed), "all_tokens_per_s": timed,
             "flops_per_token": records[0]["flops_per_token"], "mfu": statistics.median(r["mfu"] for r in records[2:]),
             "peak_flops": records[0]["peak_flops"], "peak_flops_source": records[0]["peak_flops_source"]}
+
+
+def optimizer_seconds(model_dir: Path, reps: int = 3) -> dict[str, float]:
+    """Median seconds of one AdamW step over every parameter of the model (random gradients), per implementation."""
+    model, _ = load_moe_model(model_dir)
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    seconds = {}
+    for name, flags in [("fused", {"fused": True}), ("foreach", {"foreach": True})]:
+        optimizer = torch.optim.AdamW(params, lr=1e-5, **flags)
+        times = []
+        for _ in range(reps + 1):  # the first step allocates the moments
+            start = time.perf_counter()
+            optimizer.step()
+            times.append(time.perf_counter() - start)
+        seconds[name] = statistics.median(times[1:])
+        del optimizer
+    return {"parameters": sum(p.numel() for p in params), **seconds}
 
 
 def main() -> None:
@@ -50,10 +75,13 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:<14}{r['tokens_per_s']:>10.1f}{r['flops_per_token'] / 1e9:>13.3f}{r['mfu']:>7.1%}")
     print(f"time per token, MoE / dense: {slowdown:.2f}x   activated FLOPs, MoE / dense: {flops_ratio:.2f}x   "
-          f"efficiency vs FLOPs: {flops_ratio / slowdown:.2f}")
+          f"step time / FLOPs ratio: {slowdown / flops_ratio:.2f}")
+    update = optimizer_seconds(moe)
+    print(f"one AdamW update of the MoE's {update['parameters'] / 1e6:.0f}M parameters: fused {update['fused']:.2f} s, "
+          f"foreach {update['foreach']:.2f} s ({update['foreach'] / update['fused']:.1f}x)")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": results,
-                                     "slowdown": slowdown, "flops_ratio": flops_ratio}, indent=2) + "\n")
+                                     "slowdown": slowdown, "flops_ratio": flops_ratio, "adamw_update_s": update}, indent=2) + "\n")
     print(f"wrote {args.json}", file=sys.stderr)
 
 

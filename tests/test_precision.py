@@ -171,3 +171,27 @@ def test_a_whole_stock_model_with_moeify_blocks_traces_without_graph_breaks():
     model = model.bfloat16().train()
     explanation = torch._dynamo.explain(model)(torch.randint(256, (2, 16)))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def test_the_optimizer_is_fused_on_cpu_and_updates_like_the_foreach_adamw():
+    from moeify.train.config import TrainConfig
+    from moeify.train.setup import make_optimizer
+
+    config = TrainConfig(lr=1e-2, weight_decay=0.1)
+    models = [_block("loop"), _block("loop")]
+    groups = [{"params": [p for p in models[1].parameters() if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in models[1].parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    optimizers = [make_optimizer(models[0], config),
+                  torch.optim.AdamW(groups, lr=1e-2, betas=(config.beta1, config.beta2), foreach=True)]
+    assert optimizers[0].defaults["fused"] and not optimizers[1].defaults["fused"]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):  # the same gradients into both: only the update arithmetic differs
+        grads = [torch.randn(p.shape, generator=generator) for p in models[0].parameters()]
+        for model, optimizer in zip(models, optimizers):
+            for p, grad in zip(model.parameters(), grads):
+                p.grad = grad.clone()
+            optimizer.step()
+            optimizer.zero_grad()
+    for fused, foreach in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(fused, foreach, rtol=1e-5, atol=1e-6)  # fp32 rounding of 5 updates of ~lr
+    assert not torch.equal(models[0].experts.down_proj, _block("loop").experts.down_proj)  # it did update
