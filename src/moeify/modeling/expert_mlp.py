@@ -19,8 +19,10 @@ def expert_mlp(x_AD: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, co
     offs_E = counts_E.cumsum(0).to(torch.int32)
     gate_AF, up_AF = grouped_mm(x_AD, gate_up.transpose(-2, -1), offs_E).chunk(2, dim=-1)
     act_AF = F.silu(gate_AF) * up_AF
-    if weight_A1 is not None:
-        # The mixing weight scales the activation before the down projection: same result, on
-        # A x F elements instead of A x D.
+    # The mixing weight scales the activation or the output (same result, being linear): whichever
+    # is smaller, A x F for fine-grained experts, A x D for upcycled ones.
+    weight_first = weight_A1 is not None and act_AF.shape[1] < down.shape[1]
+    if weight_first:
         act_AF = act_AF * weight_A1
-    return grouped_mm(act_AF, down.transpose(-2, -1), offs_E)
+    y_AD = grouped_mm(act_AF, down.transpose(-2, -1), offs_E)
+    return y_AD if weight_A1 is None or weight_first else y_AD * weight_A1

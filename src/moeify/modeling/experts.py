@@ -62,14 +62,16 @@ class Experts(nn.Module):
         return dispatch
 
     def forward(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, weights_TK: torch.Tensor, capacity: int | None = None,
-                rank_TK: torch.Tensor | None = None, capacity_factor: float | None = None) -> torch.Tensor | Dispatched:
+                rank_TK: torch.Tensor | None = None, capacity_factor: float | None = None,
+                counts_E: torch.Tensor | None = None) -> torch.Tensor | Dispatched:
         """Sum over the k chosen experts of weight * expert(x), for each token.
 
         With `capacity` (and rank_TK, each assignment's arrival order at its expert), an expert
         computes at most `capacity` assignments; the later ones are dropped (contribute zero).
         Under expert parallelism (`self.parallel` set) the capacity comes from `capacity_factor` over
         the group's tokens, and the result is a Dispatched (outputs and the group's counts). Either
-        way the call goes through __call__, where FSDP2 gathers the parameters."""
+        way the call goes through __call__, where FSDP2 gathers the parameters. `counts_E`: the
+        assignments per expert, when the caller has counted them."""
         dtype = compute_dtype(x_TD)
         x, (gate_up, down) = x_TD.to(dtype), self.local_weights(dtype)
         dispatch = self.resolve_dispatch(x, gate_up, down)
@@ -86,10 +88,12 @@ class Experts(nn.Module):
             elif capacity is not None:
                 y = self._forward_capacity(x, indices_TK, weights_TK, rank_TK, capacity, gate_up, down, dispatch == "grouped_mm")
             else:
-                y = self._forward_sorted(x, indices_TK, weights_TK, gate_up, down, dispatch == "grouped_mm")
+                if counts_E is None:
+                    counts_E = expert_counts(indices_TK, self.num_experts)
+                y = self._forward_sorted(x, indices_TK, weights_TK, counts_E, gate_up, down, dispatch == "grouped_mm")
         return y.to(x_TD.dtype)
 
-    def _forward_sorted(self, x_TD, indices_TK, weights_TK, gate_up, down, use_grouped_mm: bool) -> torch.Tensor:
+    def _forward_sorted(self, x_TD, indices_TK, weights_TK, counts_E, gate_up, down, use_grouped_mm: bool) -> torch.Tensor:
         # Dropless: every (token, expert) assignment is computed, grouped by expert.
         K = indices_TK.shape[1]
         flat_expert_A = indices_TK.reshape(-1)  # A = T*K assignments
@@ -98,7 +102,7 @@ class Experts(nn.Module):
         # index_select, not x[token_A]: its backward is index_add_, far cheaper than index_put_ on CPU.
         x_AD = x_TD.index_select(0, token_A)
         weight_A1 = weights_TK.reshape(-1)[order_A, None].to(x_TD.dtype)
-        y_AD = expert_mlp(x_AD, gate_up, down, expert_counts(indices_TK, self.num_experts), use_grouped_mm, weight_A1)
+        y_AD = expert_mlp(x_AD, gate_up, down, counts_E, use_grouped_mm, weight_A1)
         return torch.zeros_like(x_TD).index_add_(0, token_A, y_AD)
 
     def _forward_capacity(self, x_TD, indices_TK, weights_TK, rank_TK, capacity: int, gate_up, down,

@@ -12,11 +12,12 @@ def expert_counts(indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
-def arrival_order(keys_A: torch.Tensor, num_keys: int) -> torch.Tensor:
-    """Each element's position among the elements with the same key, in order [A] (0 = first).
-    Static shapes: no host sync."""
+def arrival_order(keys_A: torch.Tensor, num_keys: int, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """Each element's position among the elements with the same key, in order [A] (0 = first);
+    `counts`, the elements per key, when already counted. Static shapes: no host sync."""
     order_A = keys_A.argsort(stable=True)
-    counts = expert_counts(keys_A, num_keys)
+    if counts is None:
+        counts = expert_counts(keys_A, num_keys)
     starts = counts.cumsum(0) - counts
     position_sorted_A = torch.arange(keys_A.numel(), device=keys_A.device) - starts[keys_A[order_A]]
     return torch.empty_like(position_sorted_A).scatter_(0, order_A, position_sorted_A)

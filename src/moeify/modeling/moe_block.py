@@ -33,13 +33,14 @@ class MoEOutput:
     indices_TK: torch.Tensor  # chosen experts per token, best first (detached; for routing analysis)
 
 
-def capacity_ranks(indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+def capacity_ranks(indices_TK: torch.Tensor, num_experts: int, counts_E: torch.Tensor | None = None) -> torch.Tensor:
     """Each assignment's arrival order at its expert [T, k] (0 = first).
 
     Priority (GShard): every token's first choice before any second choice; within a choice
-    rank, earlier tokens first. Static shapes throughout: no host sync.
+    rank, earlier tokens first. Static shapes throughout: no host sync. `counts_E`, the
+    assignments per expert, when already counted.
     """
-    rank_A = arrival_order(indices_TK.t().reshape(-1), num_experts)  # in choice-major order
+    rank_A = arrival_order(indices_TK.t().reshape(-1), num_experts, counts_E)  # in choice-major order
     return rank_A.view(indices_TK.shape[1], -1).t()
 
 
@@ -82,12 +83,13 @@ class MoEBlock(nn.Module):
         E = self.router.num_experts
         parallel = self.experts.parallel
         zero = routing.logits_TE.new_zeros(())
+        local_counts_E = expert_counts(routing.indices_TK, E)  # counted once: dispatch, losses and metrics share it
         if parallel is None:
             capacity = self.capacity(x_TD.shape[0])
-            rank_TK = capacity_ranks(routing.indices_TK, E) if capacity is not None else None
-            y_TD = self.experts(x_TD, routing.indices_TK, routing.weights_TK, capacity, rank_TK)
+            rank_TK = capacity_ranks(routing.indices_TK, E, local_counts_E) if capacity is not None else None
+            y_TD = self.experts(x_TD, routing.indices_TK, routing.weights_TK, capacity, rank_TK, counts_E=local_counts_E)
             dropped = zero.long() if rank_TK is None else (rank_TK >= capacity).sum()
-            counts_E, group_sum, tokens = None, None, None
+            counts_E, group_sum, tokens = local_counts_E, None, None
         else:  # the balance losses see the whole group's tokens, as one process holding them would
             out = self.experts(x_TD, routing.indices_TK, routing.weights_TK, capacity_factor=self.capacity_factor)
             y_TD, dropped, counts_E, group_sum, tokens = out.y_TD, out.dropped, out.counts_E, parallel.sum, out.tokens
@@ -109,7 +111,7 @@ class MoEBlock(nn.Module):
             hidden=y_TD.view_as(x_BSD),
             balance_loss=balance,
             z_loss=z_loss,
-            load_E=expert_counts(routing.indices_TK, E),
+            load_E=local_counts_E,
             dropped=dropped,
             entropy=router_entropy(routing.logits_TE.detach()),
             indices_TK=routing.indices_TK.detach(),
