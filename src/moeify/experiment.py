@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-import yaml
 
 from moeify.build import BuildConfig, build
 from moeify.checkpoint.atomic import check_output_dir
@@ -30,6 +29,7 @@ from moeify.modeling.load import load_moe_model
 from moeify.schema import at_least, from_flat, leaf_names, unknown_keys_error
 from moeify.train.config import TrainConfig
 from moeify.train.loop import train
+from moeify.yaml_file import read_yaml
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"  # package data: works from an installed moeify
 TRAIN_KEYS = leaf_names(TrainConfig) - {"model", "data", "out"}
@@ -61,10 +61,7 @@ def load_experiment(spec: str) -> dict:
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")))
         raise MoeifyError(f"no experiment {spec!r}; choose one of: {known} (or give a .yaml path)")
-    try:
-        document = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise MoeifyError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    document = read_yaml(path, f"experiment {path}", "see src/moeify/experiments/ for examples")
     if not isinstance(document, dict) or not isinstance(document.get("arms"), list) or "model" not in document:
         raise MoeifyError(f"{path}: an experiment is a mapping with a model and a list of arms")
     _refuse_unknown(set(document) - DOCUMENT_KEYS, DOCUMENT_KEYS, f"{path}")

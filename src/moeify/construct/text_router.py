@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from tqdm import tqdm
 
 from moeify.checkpoint.dense import DenseCheckpoint
@@ -33,6 +32,7 @@ from moeify.construct import calibration as calib
 from moeify.construct.config import ConstructionConfig
 from moeify.data.text import load_tokenizer
 from moeify.errors import MoeifyError
+from moeify.yaml_file import read_yaml
 
 FIT_RIDGE = 0.01  # the fit's ridge, relative to the mean diagonal of G
 SAMPLE_TOKENS = 512  # tokens per expert and layer kept to scale the rows and report how they route
@@ -48,13 +48,7 @@ class ExpertText:
 def read_expert_prompts(path: Path, num_experts: int) -> list[tuple[list[str], list[str]]]:
     """(positive, negative) prompts per expert from a YAML/JSON file, every problem refused in one line."""
     where = f"--expert-prompts {path}"
-    if not path.is_file():
-        raise MoeifyError(f"{where}: no such file; give a YAML list with one `positive: [...]` entry per expert")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise MoeifyError(f"{where} is not YAML or JSON ({first}); give a list of `positive: [...]` entries") from None
+    data = read_yaml(path, where, "give a YAML list with one `positive: [...]` entry per expert")
     if isinstance(data, dict) and "experts" in data:  # a mergekit-moe config
         data = data["experts"]
     if not isinstance(data, list) or not data:

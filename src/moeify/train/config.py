@@ -4,10 +4,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
-import yaml
-
 from moeify.errors import MoeifyError
 from moeify.schema import at_least, fraction, from_flat, positive
+from moeify.yaml_file import read_yaml
 
 
 @dataclass
@@ -114,12 +113,7 @@ class TrainConfig:
 
 def load_recipe(path: Path, section: str = "train") -> dict:
     """The `section` mapping of a YAML recipe (or the whole file if it has no sections)."""
-    try:
-        document = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise MoeifyError(f"recipe {path} does not exist; see recipes/ for examples") from None
-    except yaml.YAMLError as error:
-        raise MoeifyError(f"recipe {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    document = read_yaml(path, f"recipe {path}", "see recipes/ for examples")
     if not isinstance(document, dict):
         raise MoeifyError(f"recipe {path} must be a YAML mapping")
     return document.get(section, {}) if {"build", "train"} & set(document) else document
