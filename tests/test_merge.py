@@ -212,3 +212,21 @@ def test_fitted_rows_are_the_least_squares_solution(tiny_models, tmp_path):
     factor = (row_0 * solution).sum() / (solution * solution).sum()
     assert factor > 0
     torch.testing.assert_close(row_0, factor * solution, rtol=1e-4, atol=1e-5)
+
+
+def test_a_btx_partition_file_works_from_another_directory(tiny_models, fine_tunes, tmp_path, monkeypatch):
+    import shutil
+
+    for f in fine_tunes:
+        shutil.copytree(f, tmp_path / f.name)
+    monkeypatch.chdir(tmp_path)  # the expert models given as relative paths
+    relative = sum((["--expert-model", f.name] for f in fine_tunes), [])
+    assert main(["split", "--model", str(tiny_models["llama"]), "--out", "p.safetensors", "--method", "btx", *relative]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["build", str(tiny_models["llama"]), "--partition", str(tmp_path / "p.safetensors"), "--out", "moe"]) == 0
+    absolute = sum((["--expert-model", str(tmp_path / f.name)] for f in fine_tunes), [])
+    assert main(["build", str(tiny_models["llama"]), "--out", "direct", "--method", "btx", *absolute]) == 0
+    ours, theirs = load_file(elsewhere / "moe" / "model.safetensors"), load_file(elsewhere / "direct" / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

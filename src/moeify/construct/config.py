@@ -199,6 +199,8 @@ def method_options(config: ConstructionConfig) -> dict:
     for group in PARTITION_GROUPS:
         if group != "merge" or config.method == "btx":  # the expert models are recorded only where they are used
             recorded.update(to_flat(getattr(config, group)))
+    if "expert_model" in recorded:  # local paths made absolute: the file may be used from another directory
+        recorded["expert_model"] = [str(Path(m).resolve()) if Path(m).exists() else m for m in recorded["expert_model"]]
     return {k: v for k, v in recorded.items() if v is not None}
 
 
