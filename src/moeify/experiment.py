@@ -61,7 +61,7 @@ def load_experiment(spec: str) -> dict:
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")))
         raise MoeifyError(f"no experiment {spec!r}; choose one of: {known} (or give a .yaml path)")
-    document = read_yaml(path, f"experiment {path}", "see src/moeify/experiments/ for examples")
+    document = read_yaml(path, f"experiment {path}", "the built-in ones in moeify/experiments/ are examples")
     if not isinstance(document, dict) or not isinstance(document.get("arms"), list) or "model" not in document:
         raise MoeifyError(f"{path}: an experiment is a mapping with a model and a list of arms")
     _refuse_unknown(set(document) - DOCUMENT_KEYS, DOCUMENT_KEYS, f"{path}")
