@@ -106,14 +106,15 @@ def test_block_matches_stock_mixtral_block(dispatch):
         torch.testing.assert_close(ours(x).hidden, stock(x), rtol=1e-5, atol=1e-6)
 
 
-def test_capacity_mask_gives_first_choices_priority_then_earlier_tokens():
-    from moeify.modeling.moe_block import capacity_keep_mask
+def test_capacity_ranks_give_first_choices_priority_then_earlier_tokens():
+    from moeify.modeling.losses import expert_counts
+    from moeify.modeling.moe_block import capacity_ranks
 
     # Expert 0 gets three 1st choices, then token 3's 2nd; expert 1 gets token 3's 1st choice, then
-    # three 2nd choices. With 3 slots each, the last arrival at each expert is dropped.
+    # three 2nd choices. With 3 slots each, the last arrival at each expert (rank 3) is dropped.
     indices = torch.tensor([[0, 1], [0, 1], [0, 1], [1, 0]])
-    keep = capacity_keep_mask(indices, num_experts=2, capacity=3)
-    assert keep.tolist() == [[True, True], [True, True], [True, False], [True, False]]
+    assert capacity_ranks(indices, num_experts=2).tolist() == [[0, 1], [1, 2], [2, 3], [0, 3]]
+    assert torch.equal(capacity_ranks(indices, 2, expert_counts(indices, 2)), capacity_ranks(indices, 2))  # counts given
 
 
 @pytest.mark.parametrize("dispatch", ["grouped_mm", "loop"])

@@ -44,11 +44,6 @@ def capacity_ranks(indices_TK: torch.Tensor, num_experts: int, counts_E: torch.T
     return rank_A.view(indices_TK.shape[1], -1).t()
 
 
-def capacity_keep_mask(indices_TK: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
-    """Which assignments fit in each expert's capacity."""
-    return capacity_ranks(indices_TK, num_experts) < capacity
-
-
 class MoEBlock(nn.Module):
     def __init__(
         self,
