@@ -34,7 +34,8 @@ class ChunkedLMHead(nn.Module):
         hidden_ND, targets_N = hidden_BSD.reshape(-1, D), self.targets.reshape(-1)
         pieces = [checkpoint(_chunk_nll, hidden_ND[i : i + self.chunk], self.weight, targets_N[i : i + self.chunk], use_reentrant=False)
                   for i in range(0, hidden_ND.shape[0], self.chunk)]
-        return torch.cat(pieces).view(B, S)
+        # A tensor of its own (B x S floats), not a view: FSDP2 warns when the root module returns a view.
+        return torch.cat(pieces).view(B, S).clone()
 
 
 def install_chunked_loss(model: nn.Module, chunk: int) -> None:
