@@ -5,7 +5,8 @@ For each shape, token count and routing (balanced or skewed), in one run: forwar
   moeify   MoEBlock with dispatch auto / grouped_mm / loop (router, experts and its losses)
   mixtral  transformers' MixtralSparseMoeBlock with experts_implementation eager / grouped_mm / batched_mm
 then forward-only (inference, no_grad) at 1, 16 and 256 tokens. Every block gets the same inputs and
-router weights, so the routing is identical. Prints ratios to dense; writes JSON with the seconds.
+router weights, so the routing is identical. Prints ratios to dense (the median of per-repetition
+ratios, see paired_ratios); writes JSON with the median seconds and the ratios.
 Usage: python benchmarks/moe_kernels.py [--shapes NAME,...] [--reps 5] [--train-2048-only --json PATH]
 """
 
@@ -77,9 +78,9 @@ def _output(block, x):
     return out.hidden if hasattr(out, "hidden") else out
 
 
-def time_interleaved(fns: dict, reps: int) -> dict[str, float]:
-    """Median seconds per call; the variants take turns within each repetition so that drift in the
-    machine's speed affects all of them alike."""
+def time_interleaved(fns: dict, reps: int) -> dict[str, list[float]]:
+    """Seconds of each call, per variant; the variants take turns within each repetition so that
+    drift in the machine's speed affects all of them alike."""
     for fn in fns.values():
         fn()
         fn()
@@ -89,7 +90,13 @@ def time_interleaved(fns: dict, reps: int) -> dict[str, float]:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def paired_ratios(times: dict[str, list[float]], baseline: str = "dense") -> dict[str, float]:
+    """Median over repetitions of each variant's time ÷ the baseline's in the same repetition: a
+    paired measure, so a slow spell of the machine moves numerator and denominator together."""
+    return {name: statistics.median(t / b for t, b in zip(values, times[baseline])) for name, values in times.items()}
 
 
 def batched_mm_bytes(tokens: int, hidden: int, expert_size: int, top_k: int) -> int:
@@ -135,10 +142,10 @@ def main() -> None:
                     grad = torch.randn_like(x)
                     chosen = {label: b for label, b in blocks.items()
                               if label != "mixtral-batched_mm" or batched_mm_bytes(tokens, hidden, expert_size, top_k) < 2e9}
-                    seconds = time_interleaved({label: train_step(b, x, grad) if mode == "train" else forward_only(b, x)
-                                                for label, b in chosen.items()}, reps)
-                    row = {"shape": name, "routing": routing, "mode": mode, "tokens": tokens, "seconds": seconds,
-                           "ratio": {k: v / seconds["dense"] for k, v in seconds.items()}}
+                    times = time_interleaved({label: train_step(b, x, grad) if mode == "train" else forward_only(b, x)
+                                              for label, b in chosen.items()}, reps)
+                    row = {"shape": name, "routing": routing, "mode": mode, "tokens": tokens,
+                           "seconds": {k: statistics.median(v) for k, v in times.items()}, "ratio": paired_ratios(times)}
                     results.append(row)
                     cells = "  ".join(f"{k.replace('moeify-', 'm:').replace('mixtral-', 'hf:')} {v:5.2f}" for k, v in row["ratio"].items() if k != "dense")
                     print(f"{name:<22}{routing:<9}{mode:<10}{tokens:>5}  {cells}", flush=True)
