@@ -195,3 +195,42 @@ def test_the_optimizer_is_fused_on_cpu_and_updates_like_the_foreach_adamw():
     for fused, foreach in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(fused, foreach, rtol=1e-5, atol=1e-6)  # fp32 rounding of 5 updates of ~lr
     assert not torch.equal(models[0].experts.down_proj, _block("loop").experts.down_proj)  # it did update
+
+
+@pytest.mark.parametrize("loss_chunk", [0, 8])
+def test_compiled_layers_share_one_graph_in_a_training_step(loss_chunk):
+    # Dynamo's recompile limit is 8 per code object: if anything in a layer's forward differs per
+    # layer (a KV cache indexed by layer), layers past the 8th silently run eager.
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from moeify.evaluate.scoring import autocast_for
+    from moeify.modeling.chunked_loss import install_chunked_loss
+    from moeify.modeling.hf import attach_moe_blocks
+    from moeify.train.distributed import compile_layers
+    from moeify.train.heldout import sequence_losses
+
+    config = MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=10, num_attention_heads=4,
+                           num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).train()
+    attach_moe_blocks(model)
+    install_chunked_loss(model, loss_chunk)
+    compile_layers(model, backend="eager")
+    torch._dynamo.reset()
+    counters.clear()
+    for _ in range(2):
+        with autocast_for(torch.device("cpu"), torch.bfloat16):
+            loss = sequence_losses(model, torch.randint(256, (2, 17))).mean()
+        loss.backward()
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"] and not counters["unimplemented"]
+
+
+def test_the_gpu_peak_is_the_boards_own():
+    from moeify.train.metrics import datasheet_peak_tflops
+
+    assert datasheet_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert datasheet_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert datasheet_peak_tflops("NVIDIA H100 NVL") == 835.0
+    assert datasheet_peak_tflops("NVIDIA H200") == 989.0
+    assert datasheet_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert datasheet_peak_tflops("Tesla T4") is None  # then MFU asks for --peak-tflops

@@ -92,7 +92,7 @@ def coactivation_graphs(model: torch.nn.Module, data: CalibrationData, batch_siz
     handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(_down_proj_inputs(model))]
     try:
         for start in range(0, len(data.blocks_NS), batch_size):
-            model(data.blocks_NS[start:start + batch_size])
+            model(data.blocks_NS[start:start + batch_size], use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -103,7 +103,7 @@ def coactivation_graphs(model: torch.nn.Module, data: CalibrationData, batch_siz
 def _block_embeddings(model: torch.nn.Module, data: CalibrationData, batch_size: int) -> torch.Tensor:
     outputs = []
     for start in range(0, len(data.blocks_NS), batch_size):
-        hidden = model(data.blocks_NS[start:start + batch_size], output_hidden_states=True).hidden_states[-1]
+        hidden = model(data.blocks_NS[start:start + batch_size], output_hidden_states=True, use_cache=False).hidden_states[-1]
         outputs.append(hidden.mean(dim=1))
     return torch.cat(outputs)
 
@@ -151,7 +151,7 @@ def gradient_importance(model: torch.nn.Module, data: CalibrationData, groups_N:
             current["groups"] = groups_N[index]
             ids = data.blocks_NS[index]
             inputs = embed(ids).requires_grad_(True)  # gradients flow although no weight needs one
-            loss = model(inputs_embeds=inputs, labels=ids).loss
+            loss = model(inputs_embeds=inputs, labels=ids, use_cache=False).loss
             (loss * ids[:, 1:].numel()).backward()  # summed over tokens: dL/dh per token
     finally:
         for handle in handles:

@@ -28,7 +28,8 @@ def autocast_for(device: torch.device, dtype: torch.dtype | None = None):
 
 def next_token_logits(model: torch.nn.Module, ids_BS: torch.Tensor) -> torch.Tensor:
     """Logits of the S-1 predictions a block makes: the model reads ids[:, :-1] (the last token is only a target)."""
-    return model(input_ids=ids_BS[:, :-1]).logits
+    # No KV cache: one forward needs none, and under --compile it would recompile every layer.
+    return model(input_ids=ids_BS[:, :-1], use_cache=False).logits
 
 
 def next_token_nll(model: torch.nn.Module, ids_BS: torch.Tensor) -> torch.Tensor:

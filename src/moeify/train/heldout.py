@@ -14,7 +14,8 @@ def sequence_losses(model: torch.nn.Module, ids_BS: torch.Tensor) -> torch.Tenso
         return next_token_nll(model, ids_BS).mean(dim=1)
     head.targets = ids_BS[:, 1:]
     try:
-        return model(input_ids=ids_BS[:, :-1]).logits.mean(dim=1)  # the head returned the NLL per position
+        # The head returns the NLL per position. No KV cache (see scoring.next_token_logits).
+        return model(input_ids=ids_BS[:, :-1], use_cache=False).logits.mean(dim=1)
     finally:
         head.targets = None
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-# Dense bf16 tensor-core peaks (no sparsity), TFLOP/s.
-GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "A10": 125.0}
+# Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, from the datasheets; the first key found in
+# the device name wins (the H100's PCIe and NVL boards before the SXM one).
+GPU_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
 def active_matmul_params(model: torch.nn.Module) -> int:
@@ -39,16 +40,20 @@ def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def datasheet_peak_tflops(device_name: str) -> float | None:
+    return next((tflops for key, tflops in GPU_PEAK_TFLOPS.items() if key in device_name), None)
+
+
 def peak_flops(device: torch.device, override_tflops: float | None) -> tuple[float, str]:
     """(peak FLOP/s, how it was obtained) for MFU."""
     if override_tflops:
         return override_tflops * 1e12, "given by --peak-tflops"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, tflops in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12, f"{name} dense bf16 datasheet peak"
-        return 0.0, f"unknown GPU {name}: set --peak-tflops"
+        tflops = datasheet_peak_tflops(name)
+        if tflops is None:
+            return 0.0, f"unknown GPU {name}: set --peak-tflops"
+        return tflops * 1e12, f"{name} dense bf16 datasheet peak"
     return measured_matmul_flops(), "measured fp32 matmul rate of this CPU (1024^3, best of 3)"
 
 
