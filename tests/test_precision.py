@@ -234,3 +234,11 @@ def test_the_gpu_peak_is_the_boards_own():
     assert datasheet_peak_tflops("NVIDIA H200") == 989.0
     assert datasheet_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert datasheet_peak_tflops("Tesla T4") is None  # then MFU asks for --peak-tflops
+
+
+def test_training_with_compile_gives_the_eager_losses(tiny_moe, tiny_data, tmp_path):
+    # `train --compile` end to end (inductor, fp32 on CPU: the loop dispatch, whose per-expert
+    # sizes break the graph by design). Compiled kernels fuse and reorder float arithmetic.
+    losses = {compiled: train(train_config(tiny_moe, tiny_data, tmp_path / str(compiled), compile=compiled, max_tokens=8 * 32 * 3),
+                              progress=False).losses for compiled in (False, True)}
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
