@@ -11,6 +11,7 @@ import contextlib
 import errno
 import io
 import os
+import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,6 +85,13 @@ def _experiment(ctx: dict, document) -> str:
 def _file(ctx: dict, name: str, content: bytes) -> str:
     path = ctx["tmp"] / name
     path.write_bytes(content)
+    return str(path)
+
+
+def _stock_copy(ctx: dict) -> str:
+    """The test MoE as a stock checkpoint: its files without moeify.json."""
+    path = ctx["tmp"] / "stock-moe"
+    shutil.copytree(ctx["moe"], path, ignore=shutil.ignore_patterns("moeify.json"), dirs_exist_ok=True)
     return str(path)
 
 
@@ -209,7 +217,8 @@ CASES = [
                                                            "--out", str(c["tmp"] / "q.st")], "--balance-bias needs a format",
          lambda c: c["tmp"] / "q.st"),
     # export
-    Case("export-dense", lambda c: ["export", L(c), "--out", str(OUT(c))], "not an MoE that moeify made", OUT),
+    Case("export-dense", lambda c: ["export", L(c), "--out", str(OUT(c))], "is a dense model; there is nothing to export", OUT),
+    Case("export-stock-moe", lambda c: ["export", _stock_copy(c), "--out", str(OUT(c))], "is a stock MoE checkpoint without moeify.json", OUT),
     Case("export-unsupported-dtype", lambda c: ["export", str(c["moe"]), "--out", str(OUT(c)), "--dtype", "fp8"],
          "argument --dtype: invalid choice: 'fp8'", OUT),
     Case("export-missing", lambda c: ["export", str(c["tmp"] / "nope"), "--out", str(OUT(c))], "no model at", OUT),

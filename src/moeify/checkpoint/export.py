@@ -50,8 +50,11 @@ def export_model(source: Path, out: Path, force: bool = False, dtype: str = "aut
             "architecture represents; it stays in moeify's format (moeify train/eval/generate load it), or rebuild with --gate linear"
         )
     model, blocks = load_moe_model(source)
-    if not blocks or manifest is None:
-        raise MoeifyError(f"{source} is not an MoE that moeify made; there is nothing to export (build an MoE first)")
+    if not blocks:
+        raise MoeifyError(f"{source} is a dense model; there is nothing to export (build an MoE from it first)")
+    if manifest is None:
+        raise MoeifyError(f"{source} is a stock MoE checkpoint without moeify.json (moeify's record of how it was built); "
+                          "export re-writes MoEs that moeify built or trained, and this one already loads in transformers")
     fmt = format_of_model_type(model.config.model_type)
     layout = fmt.layout if layout == "auto" else layout
     config = model.config
