@@ -64,6 +64,17 @@ def test_two_ranks_match_one_rank(parallel, tiny_moe, tiny_data, tmp_path):
     assert abs(losses[-1] - losses[0]) > 0.1  # it did train
 
 
+def test_fsdp2_with_compile_matches_one_eager_rank(tiny_moe, tiny_data, tmp_path):
+    # torchtitan's order, compile each decoder layer then fully_shard it, on 2 ranks; compiled kernels
+    # reorder float arithmetic by ~1e-6, far inside the two-ranks-vs-one tolerance above.
+    single = train(train_config(tiny_moe, tiny_data, tmp_path / "one", max_tokens=8 * 32 * STEPS, export=False), progress=False)
+    records = _torchrun(tiny_moe, tiny_data, tmp_path / "two", "fsdp", "--no-export", "--compile")
+    losses = [r["loss"] for r in records[1:]]
+    assert len(losses) == STEPS
+    for step, (a, b) in enumerate(zip(losses, single.losses), 1):
+        assert abs(a - b) < 2e-3, f"step {step}: {a} vs {b}"
+
+
 def test_fsdp2_bf16_mixed_precision_matches_one_rank(tiny_moe, tiny_data, tmp_path):
     # FSDP2 gathers bf16 parameters (MixedPrecisionPolicy param_dtype=bf16) and reduces gradients in
     # fp32; one process computes under bf16 autocast from fp32 weights. Both round the same matmul
