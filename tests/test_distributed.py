@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,58 @@ def test_fsdp_run_exports_and_resumes(tiny_moe, tiny_data, tmp_path):
     assert [r["step"] for r in records[1:]] == list(range(1, STEPS + 1))  # metrics.jsonl continues across the resume
     assert [r["loss"] for r in records[1:]] == pytest.approx([r["loss"] for r in full[1:]], abs=1e-5)
     assert (out / "model" / "model.safetensors").exists()
+
+
+def _save_with_one_failing_rank(rank: int, port: int, out: Path, failing_rank: int, failing_file: str) -> None:
+    """One of two gloo ranks cannot write `failing_file` (the disk fills under it); then both save again."""
+    import errno
+    import pathlib
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from moeify.errors import describe_os_error
+    from moeify.train.checkpoint import save_checkpoint
+    from moeify.train.distributed import DistEnv
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=30))
+    env = DistEnv(rank, 2, rank, torch.device("cpu"))
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    disk_full = OSError(errno.ENOSPC, "No space left on device", failing_file)
+    real_save, real_write_text = torch.save, pathlib.Path.write_text
+    if rank == failing_rank:
+        torch.save = lambda obj, path, *a, **k: (_ for _ in ()).throw(disk_full) if getattr(path, "name", None) == failing_file else real_save(obj, path, *a, **k)
+        pathlib.Path.write_text = lambda self, *a, **k: (_ for _ in ()).throw(disk_full) if self.name == failing_file else real_write_text(self, *a, **k)
+    try:
+        save_checkpoint(out, 1, model, optimizer, {"step": 1}, env, keep=2)
+        outcome = "saved"
+    except OSError as error:
+        outcome = describe_os_error(error)
+    torch.save, pathlib.Path.write_text = real_save, real_write_text
+    dist.barrier()
+    leftovers = sorted(p.name for p in (out / "checkpoints").iterdir())
+    dist.barrier()
+    save_checkpoint(out, 2, model, optimizer, {"step": 2}, env, keep=2)  # the group is still in step
+    (out / f"outcome-{rank}.json").write_text(json.dumps({"first": outcome, "leftovers": leftovers}))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("failing_rank, failing_file", [(1, "rng-rank1.pt"), (0, "trainer.json")])
+def test_a_checkpoint_write_failing_on_one_rank_stops_every_rank(failing_rank, failing_file, tmp_path):
+    # Before, the other rank waited at a barrier for the failed one until the job was killed.
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(_save_with_one_failing_rank, args=(free_port(), tmp_path, failing_rank, failing_file), nprocs=2,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=max(1.0, deadline - time.monotonic())):  # True once both ranks have ended well
+        assert time.monotonic() < deadline, "the ranks did not finish"
+    outcomes = [json.loads((tmp_path / f"outcome-{rank}.json").read_text()) for rank in range(2)]
+    for outcome in outcomes:
+        assert outcome["first"] == f"cannot write or read {failing_file}: No space left on device; free some space or write elsewhere"
+        assert outcome["leftovers"] == []  # neither a temporary nor a checkpoint that looks complete
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002"]
+    assert (tmp_path / "checkpoints" / "step-000002" / "trainer.json").is_file()

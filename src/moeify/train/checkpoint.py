@@ -7,7 +7,8 @@ out/checkpoints/step-000120/
 DCP stores every tensor whole (global shapes), so a run resumes under another layout: other
 numbers of ranks, FSDP2, HSDP or expert parallelism.
 A checkpoint is written to `.step-000120.tmp` and renamed when every rank has finished, so a
-crash during a save leaves the previous checkpoints intact; only the newest `keep` are kept.
+crash during a save leaves the previous checkpoints intact; only the newest `keep` are kept. A
+write that fails on any rank stops every rank with that rank's reason (no rank waits on the others).
 """
 
 import json
@@ -21,7 +22,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from moeify.errors import MoeifyError
-from moeify.train.distributed import DistEnv, barrier
+from moeify.train.distributed import DistEnv, gather_to_list
 
 CHECKPOINTS = "checkpoints"
 
@@ -41,28 +42,50 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, trainer_s
     root = checkpoint_root(out)
     final = root / f"step-{step:06d}"
     tmp = root / f".step-{step:06d}.tmp"
+    error = None
     if env.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(env)
-    model_state, optim_state = get_state_dict(model, optimizer)
-    try:
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "dcp"))
-        torch.save(torch.get_rng_state(), tmp / f"rng-rank{env.rank}.pt")
-        barrier(env)
-        if env.is_main:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as failure:
+            error = failure
+    error = _agreed_error(error, env)
+    if error is None:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        try:
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "dcp"))
+            torch.save(torch.get_rng_state(), tmp / f"rng-rank{env.rank}.pt")
+        except (OSError, CheckpointException) as failure:
+            error = _os_error(failure)
+        error = _agreed_error(error, env)
+    if error is None and env.is_main:
+        try:
             (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
-    except (OSError, CheckpointException) as error:  # a half-written checkpoint never looks complete
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        except OSError as failure:
+            error = failure
+        if error is None:
+            for old in complete_checkpoints(out)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    error = _agreed_error(error, env)
+    if error is not None:  # a half-written checkpoint never looks complete, and every rank stops with the same reason
         if env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise _os_error(error) from None
-    if env.is_main:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in complete_checkpoints(out)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier(env)
+        raise error
     return final
+
+
+def _agreed_error(error: OSError | None, env: DistEnv) -> OSError | None:
+    """The first rank's failure, on every rank (None when all succeeded): a rank that failed alone
+    would otherwise leave the others waiting at the next collective until the job is killed."""
+    if not env.distributed:
+        return error
+    reports = gather_to_list(None if error is None else (error.errno, error.strerror or str(error), error.filename), env)
+    first = next((report for report in reports if report is not None), None)
+    if first is None or error is not None:
+        return error
+    return OSError(*first) if first[0] is not None else OSError(first[1])
 
 
 def _os_error(error: Exception) -> OSError:
