@@ -9,10 +9,17 @@ SwiGLU of the same activated FLOPs at 8192 tokens, forward + backward.
 
     python benchmarks/gpu_check.py --out gpu_check.json        # on the GPU
     python benchmarks/gpu_check.py --smoke --out smoke.json    # tiny shapes on CPU (the tests run this)
+
+One device call is all there may be, so nothing is lost to one failure: the JSON is rewritten after
+every measurement, a variant that raises (out of memory, a compile error) is recorded with its
+error and the next one runs, and none starts once `--budget-s` has passed (recorded as skipped).
+The block rows come first (seconds), then per shape grouped_mm compiled (the headline), eager, and
+the loop dispatch eager (it takes the counts to the host per layer; not worth compiling).
 """
 
 import argparse
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,18 +100,20 @@ def time_training(shape: Shape, device: torch.device, dtype: torch.dtype, dispat
         ids = torch.randint(shape.vocab, (shape.micro_batch, shape.seq_len + 1), generator=generator)
         return ids.to(device), torch.zeros(shape.micro_batch, dtype=torch.long, device=device)
 
-    times = []
+    times, first_step_seconds = [], None
     for step in range(warmup + steps):
         synchronize(device)
         start = time.perf_counter()
         record = train_step(model, blocks, optimizer, micro_batch, 1, config, env, 1, dtype)
         synchronize(device)
+        if step == 0:
+            first_step_seconds = time.perf_counter() - start  # with compilation when compiled
         if step >= warmup:
             times.append(time.perf_counter() - start)
     seconds = sorted(times)[len(times) // 2]
     result = {"dispatch": dispatch, "compile": compiled, "step_seconds": seconds, "tokens_per_s": tokens_per_step / seconds,
               "flops_per_token": flops_token, "mfu": tokens_per_step * flops_token / seconds / peak if peak else None,
-              "peak_memory_gb": peak_memory_gb(device), "loss": record["loss"],
+              "peak_memory_gb": peak_memory_gb(device), "loss": record["loss"], "first_step_seconds": first_step_seconds,
               "dispatch_taken": blocks[0].block.experts.last_dispatch}
     del model, blocks, optimizer
     if device.type == "cuda":
@@ -147,32 +156,59 @@ def time_block(hidden: int, ffn: int, tokens: int, device: torch.device, dtype: 
             "moe_over_dense": seconds["moe"] / seconds["dense"], "dispatch_taken": moe.experts.last_dispatch}
 
 
+def write_json(path: Path, report: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def guarded(measure, started: float, budget_s: float, device: torch.device) -> dict:
+    """measure() unless the budget is spent; its error, in one line, if it raises."""
+    if time.perf_counter() - started > budget_s:
+        return {"skipped": f"the {budget_s:.0f} s budget was spent"}
+    try:
+        return measure()
+    except Exception as error:  # noqa: BLE001 - one failing variant must not lose the others' figures
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        failure = {"error": f"{type(error).__name__}: {first_line}"[:500]}
+    if device.type == "cuda":  # after the except block, which kept the failed variant's tensors alive
+        torch.cuda.empty_cache()
+    return failure
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 steps, on whatever device there is (CPU in the tests)")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled variants")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="start no measurement after this many seconds")
     args = parser.parse_args()
+    started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16
     peak, peak_source = peak_flops(device, None)
     steps, warmup = (2, 1) if args.smoke else (10, 3)
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
-              "dtype": "bf16", "peak_flops": peak, "peak_source": peak_source, "training": {}, "block": []}
-    for shape in SHAPES["smoke" if args.smoke else "full"]:
-        runs = []
-        for dispatch in ("grouped_mm", "loop"):
-            for compiled in (False, True):
-                if compiled and (args.no_compile or (args.smoke and device.type == "cpu")):
-                    continue  # inductor on CPU compiles for minutes; the tests check compilation separately
-                runs.append(time_training(shape, device, dtype, dispatch, compiled, steps, warmup, peak))
-                print(shape.name, json.dumps(runs[-1]), flush=True)
-        report["training"][shape.name] = {"shape": shape.__dict__, "runs": runs}
+              "dtype": "bf16", "peak_flops": peak, "peak_source": peak_source, "block": [], "training": {}}
     block_shapes = [(64, 128, 256)] if args.smoke else [(576, 1536, 8192), (2048, 8192, 8192), (4096, 14336, 8192)]
     for hidden, ffn, tokens in block_shapes:
-        report["block"].append(time_block(hidden, ffn, tokens, device, dtype, 2 if args.smoke else 10))
+        row = guarded(lambda: time_block(hidden, ffn, tokens, device, dtype, 2 if args.smoke else 10), started, args.budget_s, device)
+        report["block"].append({"tokens": tokens, "hidden": hidden, "ffn": ffn} | row)
         print("block", json.dumps(report["block"][-1]), flush=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.out, report)
+    compile_too = not args.no_compile and not (args.smoke and device.type == "cpu")  # inductor on CPU: minutes; tested elsewhere
+    variants = [("grouped_mm", True)] * compile_too + [("grouped_mm", False), ("loop", False)]
+    for shape in SHAPES["smoke" if args.smoke else "full"]:
+        runs = []
+        report["training"][shape.name] = {"shape": shape.__dict__, "runs": runs}
+        for dispatch, compiled in variants:
+            row = guarded(lambda: time_training(shape, device, dtype, dispatch, compiled, steps, warmup, peak), started,
+                          args.budget_s, device)
+            runs.append({"dispatch": dispatch, "compile": compiled} | row)
+            print(shape.name, json.dumps(runs[-1]), flush=True)
+            write_json(args.out, report)
+    report["seconds"] = time.perf_counter() - started
+    write_json(args.out, report)
     print(f"wrote {args.out}")
 
 

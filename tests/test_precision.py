@@ -103,6 +103,12 @@ def test_gpu_check_runs_in_smoke_mode_on_cpu(tmp_path):
     assert [(r["dispatch"], r["dispatch_taken"]) for r in runs] == [("grouped_mm", "grouped_mm"), ("loop", "loop")]
     assert all(r["tokens_per_s"] > 0 and r["mfu"] > 0 and 0 < r["loss"] < 10 for r in runs)
     assert report["block"][0]["moe_over_dense"] > 0
+    # With the budget spent before the first measurement, every row says so and the JSON is whole.
+    subprocess.run([sys.executable, str(script), "--smoke", "--budget-s", "0", "--out", str(out)], check=True, capture_output=True,
+                   timeout=300)
+    report = json.loads(out.read_text())
+    rows = report["block"] + report["training"]["smoke-8x2"]["runs"]
+    assert len(rows) == 3 and all(row["skipped"] == "the 0 s budget was spent" for row in rows)
 
 
 def test_selective_checkpointing_saves_matmuls_and_recomputes_elementwise_work():
