@@ -122,15 +122,18 @@ def time_training(shape: Shape, device: torch.device, dtype: torch.dtype, dispat
 
 
 def time_block(hidden: int, ffn: int, tokens: int, device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
-    """MoE block (8 experts of the full FFN, top-2) vs a dense SwiGLU of width 2 x FFN: equal activated FLOPs."""
+    """MoE block (8 experts of the full FFN, top-2) vs a dense SwiGLU of width 2 x FFN: equal activated FLOPs.
+    Both hold their weights in `dtype`, as FSDP2's mixed-precision policy hands them to the layers, so
+    neither pays a per-step cast of its weights (the MoE's would be 4x the dense one's)."""
     torch.manual_seed(0)
     moe = MoEBlock(hidden, ffn, 8, 2, dispatch="auto").to(device)
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0, 0.02)
+    moe.experts.to(dtype)
     moe.train()
-    dense = [torch.nn.Parameter(torch.randn(2 * 2 * ffn, hidden, device=device) * 0.02),
-             torch.nn.Parameter(torch.randn(hidden, 2 * ffn, device=device) * 0.02)]
+    dense = [torch.nn.Parameter((torch.randn(2 * 2 * ffn, hidden, device=device) * 0.02).to(dtype)),
+             torch.nn.Parameter((torch.randn(hidden, 2 * ffn, device=device) * 0.02).to(dtype))]
     x = torch.randn(tokens, hidden, device=device)
 
     def moe_step():
