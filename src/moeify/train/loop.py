@@ -17,7 +17,7 @@ from moeify.train.config import TrainConfig
 from moeify.train.distributed import gather_to_list
 from moeify.train.export import export_stock
 from moeify.train.heldout import heldout_losses
-from moeify.train.metrics import peak_rss_mb
+from moeify.train.metrics import peak_device_memory_mb, peak_rss_mb
 from moeify.train.parallelize import optimizer_state_bytes
 from moeify.train.session import Session, open_session
 from moeify.train.step import MicroBatch, train_step
@@ -95,7 +95,7 @@ def _step(run: Session, step: int) -> dict:
     run.tokens_seen += step_tokens
     record.update(step=step, tokens=run.tokens_seen, lr=lr, tokens_per_s=step_tokens / elapsed,
                   mfu=step_tokens * run.flops_per_token / elapsed / run.peak_flops if run.peak_flops else None,
-                  domain_weights=run.sampler.weights, peak_rss_mb=gather_to_list(round(peak_rss_mb(), 1), run.env))
+                  domain_weights=run.sampler.weights)
     if (config.eval_every and step % config.eval_every == 0) or step == run.steps:
         record["heldout_loss"] = heldout_losses(run.model, run.data, config.eval_blocks, config.micro_batch, run.dtype)
         if run.dynamic is not None and step < run.steps:
@@ -104,7 +104,10 @@ def _step(run: Session, step: int) -> dict:
     if step == 1:  # gradients and optimizer state exist from the first step on
         record["gradient_bytes_per_rank"] = gather_to_list(record.pop("_gradient_bytes"), run.env)
         record["optimizer_bytes_per_rank"] = gather_to_list(optimizer_state_bytes(run.optimizer), run.env)
-    if step % config.log_every == 0 or "heldout_loss" in record or step == 1:
+    if step % config.log_every == 0 or "heldout_loss" in record or step == 1:  # the same steps on every rank
+        record["peak_rss_mb"] = gather_to_list(round(peak_rss_mb(), 1), run.env)  # per rank: one collective, logged steps only
+        if run.env.device.type == "cuda":
+            record["peak_device_memory_mb"] = gather_to_list(round(peak_device_memory_mb(run.env.device), 1), run.env)
         run.logger.log(record)
     return record
 

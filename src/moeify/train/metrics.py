@@ -62,6 +62,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def peak_device_memory_mb(device: torch.device) -> float | None:
+    """Peak memory allocated on this process's GPU so far, MiB (None off CUDA: the RSS covers the CPU)."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
 def measured_matmul_flops(size: int = 1024) -> float:
     generator = torch.Generator().manual_seed(0)  # leave the global RNG (gating noise) untouched
     a, b = torch.randn(size, size, generator=generator), torch.randn(size, size, generator=generator)
