@@ -52,6 +52,29 @@ def test_sharing_methods_have_the_sizes_asked_and_a_disjoint_shared_block(partit
         assert torch.equal(torch.cat([routed, shared]).sort().values, torch.arange(96))  # routed tile the rest
 
 
+def test_coactivation_graphs_by_chunks_of_layers_equal_all_layers_at_once(tiny_models, partitions, monkeypatch):
+    from moeify.construct import calibration as calib
+    from moeify.construct import splits
+
+    path = tiny_models["llama"]
+    model = calib.load_dense_model(path)
+    data = calib.load_calibration("embedded", path, 1024, 64)
+    every = calib.coactivation_graphs(model, data)
+    top_layer_runs = []
+    model.model.layers[-1].register_forward_pre_hook(lambda module, args: top_layer_runs.append(1))
+    first = calib.coactivation_graphs(model, data, layers=[0])
+    assert list(first) == [0] and torch.equal(first[0], every[0])
+    assert top_layer_runs == []  # the forward stopped after layer 0
+    assert calib.layer_chunks(5, 10, 25) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert calib.layer_chunks(3, 10, 5) == [range(0, 1), range(1, 2), range(2, 3)]  # one layer even over the budget
+    # A budget of one graph: a calibration pass per layer, the same partition as one pass for all.
+    monkeypatch.setattr(splits, "GRAPH_MEMORY_BYTES", 96 * 96 * 4)
+    dense = DenseCheckpoint(path)
+    settings = dict(method="co-activation", num_experts=4, **CALIBRATION)
+    chunked = ConstructionPlan.make(dense, from_flat(ConstructionConfig, settings), progress=False).make_partition(dense)
+    assert all(torch.equal(a, b) for a, b in zip(chunked.experts, partitions["co-activation"].experts, strict=True))
+
+
 @pytest.mark.parametrize("method", ["random-split", "clustering", "gradient-greedy"])
 def test_partition_files_are_deterministic_under_a_seed(tiny_models, tmp_path, method):
     files = {}

@@ -9,6 +9,7 @@ Statistics (all on h = silu(gate(x)) * up(x), the input of down_proj, per layer)
 - gradient importance per group g: sum over the group's tokens of |h_j * dL/dh_j| / tokens  [F].
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,26 +78,45 @@ def _down_proj_inputs(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [layer.mlp.down_proj for layer in model.model.layers]
 
 
+class _LayersDone(Exception):
+    """Raised by the last wanted layer's hook: the layers above it need not run."""
+
+
 @torch.no_grad()
-def coactivation_graphs(model: torch.nn.Module, data: CalibrationData, batch_size: int = 4) -> list[torch.Tensor]:
-    """Per layer, sum over tokens of |h_i| |h_j| (fp32, [F, F])."""
-    graphs: list[torch.Tensor | None] = [None] * len(model.model.layers)
+def coactivation_graphs(model: torch.nn.Module, data: CalibrationData, batch_size: int = 4,
+                        layers: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
+    """Per layer (all, or `layers`), sum over tokens of |h_i| |h_j| (fp32, [F, F]); each forward
+    stops after the last wanted layer."""
+    wanted = sorted(range(len(model.model.layers)) if layers is None else set(layers))
+    graphs: dict[int, torch.Tensor] = {}
 
     def hook(layer: int):
         def record(module, inputs):
             h_TF = inputs[0].reshape(-1, inputs[0].shape[-1]).abs().float()
             gram = h_TF.T @ h_TF
-            graphs[layer] = gram if graphs[layer] is None else graphs[layer].add_(gram)
+            graphs[layer] = gram if layer not in graphs else graphs[layer].add_(gram)
+            if layer == wanted[-1]:
+                raise _LayersDone
         return record
 
-    handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(_down_proj_inputs(model))]
+    down_projs = _down_proj_inputs(model)
+    handles = [down_projs[i].register_forward_pre_hook(hook(i)) for i in wanted]
     try:
         for start in range(0, len(data.blocks_NS), batch_size):
-            model(data.blocks_NS[start:start + batch_size], use_cache=False)
+            try:
+                model(data.blocks_NS[start:start + batch_size], use_cache=False)
+            except _LayersDone:
+                pass
     finally:
         for handle in handles:
             handle.remove()
-    return [g for g in graphs if g is not None]
+    return graphs
+
+
+def layer_chunks(num_layers: int, bytes_per_layer: int, budget_bytes: int) -> list[range]:
+    """Consecutive layers in groups whose graphs fit in `budget_bytes` together (one layer at least)."""
+    per_chunk = max(1, budget_bytes // max(1, bytes_per_layer))
+    return [range(start, min(num_layers, start + per_chunk)) for start in range(0, num_layers, per_chunk)]
 
 
 @torch.no_grad()

@@ -18,6 +18,9 @@ from moeify.construct.partition import Partition, model_fingerprint
 from moeify.errors import MoeifyError
 
 EMPTY = torch.zeros(0, dtype=torch.long)
+# Co-activation graphs held at once (F x F fp32 per layer: 0.5 GB for a 7B model's F = 11008); the
+# layers beyond it are counted in further calibration passes, each stopping at its last layer.
+GRAPH_MEMORY_BYTES = 4 * 2**30
 
 
 class _Split(ConstructionMethod):
@@ -118,11 +121,19 @@ class CoActivation(_Split):
         import pymetis
 
         data = _load_calibration(dense, options, self.name, 4)
-        graphs = calib.coactivation_graphs(calib.load_dense_model(dense.path), data)
+        model = calib.load_dense_model(dense.path)
+        ffn = model.config.intermediate_size
+        chunks = calib.layer_chunks(len(model.model.layers), ffn * ffn * 4, GRAPH_MEMORY_BYTES)
+        graphs: dict[int, torch.Tensor] = {}
         experts, cuts = [], []
         metis_options = pymetis.Options(seed=options.seed)
         for layer in _layers(dense, "METIS", progress):
-            graph = graphs[layer].fill_diagonal_(0)
+            if layer not in graphs:  # the next chunk of layers' graphs, the previous ones freed
+                chunk = next(c for c in chunks if layer in c)
+                graphs = calib.coactivation_graphs(model, data, layers=chunk)
+                if chunk is chunks[-1]:
+                    model = None  # not needed for the METIS partitions
+            graph = graphs.pop(layer).fill_diagonal_(0)
             threshold = torch.quantile(graph.flatten()[::max(1, graph.numel() // 1_000_000)], 1 - options.data.graph_density)
             kept = (graph >= threshold) & (graph > 0)
             kept = kept | kept.T
