@@ -78,8 +78,8 @@ def _down_proj_inputs(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [layer.mlp.down_proj for layer in model.model.layers]
 
 
-class _LayersDone(Exception):
-    """Raised by the last wanted layer's hook: the layers above it need not run."""
+class StopForward(Exception):
+    """Raised by a hook once it has what it needs from a forward: the layers above it need not run."""
 
 
 @torch.no_grad()
@@ -96,7 +96,7 @@ def coactivation_graphs(model: torch.nn.Module, data: CalibrationData, batch_siz
             gram = h_TF.T @ h_TF
             graphs[layer] = gram if layer not in graphs else graphs[layer].add_(gram)
             if layer == wanted[-1]:
-                raise _LayersDone
+                raise StopForward
         return record
 
     down_projs = _down_proj_inputs(model)
@@ -105,7 +105,7 @@ def coactivation_graphs(model: torch.nn.Module, data: CalibrationData, batch_siz
         for start in range(0, len(data.blocks_NS), batch_size):
             try:
                 model(data.blocks_NS[start:start + batch_size], use_cache=False)
-            except _LayersDone:
+            except StopForward:
                 pass
     finally:
         for handle in handles:
@@ -123,7 +123,8 @@ def layer_chunks(num_layers: int, bytes_per_layer: int, budget_bytes: int) -> li
 def _block_embeddings(model: torch.nn.Module, data: CalibrationData, batch_size: int) -> torch.Tensor:
     outputs = []
     for start in range(0, len(data.blocks_NS), batch_size):
-        hidden = model(data.blocks_NS[start:start + batch_size], output_hidden_states=True, use_cache=False).hidden_states[-1]
+        # The base model's output is the causal LM's last hidden state, without computing the logits.
+        hidden = model.model(data.blocks_NS[start:start + batch_size], use_cache=False).last_hidden_state
         outputs.append(hidden.mean(dim=1))
     return torch.cat(outputs)
 

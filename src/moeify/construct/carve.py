@@ -302,10 +302,6 @@ class _Recorder(torch.nn.Module):
         return torch.zeros_like(x)
 
 
-class _Stop(Exception):
-    pass
-
-
 @torch.no_grad()
 def first_layer_inputs(model: torch.nn.Module, blocks_NS: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, dict]]:
     """(hidden states, keyword arguments) that layer 0 receives, per batch of calibration blocks."""
@@ -314,14 +310,14 @@ def first_layer_inputs(model: torch.nn.Module, blocks_NS: torch.Tensor, batch_si
     def catch(module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
         captured.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        raise _Stop
+        raise calib.StopForward
 
     handle = model.model.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
     try:
         for start in range(0, len(blocks_NS), batch_size):
             try:
                 model(blocks_NS[start:start + batch_size], use_cache=False)
-            except _Stop:
+            except calib.StopForward:
                 pass
     finally:
         handle.remove()

@@ -132,7 +132,7 @@ def _run(model: torch.nn.Module, texts: list[list[int]], progress: tqdm, gram: l
     handles = [layer.mlp.register_forward_pre_hook(record.hook(i)) for i, layer in enumerate(layers)]
     try:
         for ids in texts:
-            model(torch.tensor([ids]), use_cache=False)
+            model.model(torch.tensor([ids]), use_cache=False)  # the MLP inputs are all it needs: no logits
             record.count += len(ids)
             record.kept = min(SAMPLE_TOKENS, record.kept + len(ids))
             progress.update(1)
