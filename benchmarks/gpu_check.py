@@ -32,7 +32,7 @@ from moeify.modeling import MoEBlock
 from moeify.modeling.hf import attach_moe_blocks
 from moeify.train.config import TrainConfig
 from moeify.train.distributed import DistEnv, compile_layers
-from moeify.train.metrics import flops_per_token, peak_flops
+from moeify.train.metrics import flops_per_token, peak_device_memory_mb, peak_flops
 from moeify.train.setup import make_optimizer
 from moeify.train.step import train_step
 
@@ -78,10 +78,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def peak_memory_gb(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
 def time_training(shape: Shape, device: torch.device, dtype: torch.dtype, dispatch: str, compiled: bool, steps: int,
                   warmup: int, peak: float) -> dict:
     if device.type == "cuda":
@@ -113,7 +109,7 @@ def time_training(shape: Shape, device: torch.device, dtype: torch.dtype, dispat
     seconds = sorted(times)[len(times) // 2]
     result = {"dispatch": dispatch, "compile": compiled, "step_seconds": seconds, "tokens_per_s": tokens_per_step / seconds,
               "flops_per_token": flops_token, "mfu": tokens_per_step * flops_token / seconds / peak if peak else None,
-              "peak_memory_gb": peak_memory_gb(device), "loss": record["loss"], "first_step_seconds": first_step_seconds,
+              "peak_memory_mb": peak_device_memory_mb(device), "loss": record["loss"], "first_step_seconds": first_step_seconds,
               "dispatch_taken": blocks[0].block.experts.last_dispatch}
     del model, blocks, optimizer
     if device.type == "cuda":

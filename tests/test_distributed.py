@@ -126,9 +126,19 @@ def _save_with_one_failing_rank(rank: int, port: int, out: Path, failing_rank: i
     optimizer = torch.optim.AdamW(model.parameters())
     disk_full = OSError(errno.ENOSPC, "No space left on device", failing_file)
     real_save, real_write_text = torch.save, pathlib.Path.write_text
+
+    def save(obj, path, *args, **kwargs):  # DCP also saves into in-memory buffers, which have no name
+        if getattr(path, "name", None) == failing_file:
+            raise disk_full
+        return real_save(obj, path, *args, **kwargs)
+
+    def write_text(path, *args, **kwargs):
+        if path.name == failing_file:
+            raise disk_full
+        return real_write_text(path, *args, **kwargs)
+
     if rank == failing_rank:
-        torch.save = lambda obj, path, *a, **k: (_ for _ in ()).throw(disk_full) if getattr(path, "name", None) == failing_file else real_save(obj, path, *a, **k)
-        pathlib.Path.write_text = lambda self, *a, **k: (_ for _ in ()).throw(disk_full) if self.name == failing_file else real_write_text(self, *a, **k)
+        torch.save, pathlib.Path.write_text = save, write_text
     try:
         save_checkpoint(out, 1, model, optimizer, {"step": 1}, env, keep=2)
         outcome = "saved"
