@@ -4,6 +4,9 @@ For each shape, token count and routing (balanced or skewed), in one run: forwar
   dense    SwiGLU with D and F = k * expert size (the baseline, ratio 1.00)
   moeify   MoEBlock with dispatch auto / grouped_mm / loop (router, experts and its losses)
   mixtral  transformers' MixtralSparseMoeBlock with experts_implementation eager / grouped_mm / batched_mm
+  gemms    the experts' grouped GEMMs and SwiGLU alone, on rows already grouped with the block's
+           counts: no router, gather or scatter. The floor of any dispatch that runs one GEMM
+           per expert (training rows only)
 then forward-only (inference, no_grad) at 1, 16 and 256 tokens. Every block gets the same inputs and
 router weights, so the routing is identical. Prints ratios to dense (the median of per-repetition
 ratios, see paired_ratios); writes JSON with the median seconds and the ratios.
@@ -22,6 +25,8 @@ from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from moeify.modeling import MoEBlock
+from moeify.modeling.grouped_mm import grouped_mm
+from moeify.modeling.losses import expert_counts
 
 SHAPES = {  # name: (hidden D, expert size, experts E, top-k)
     "smollm2-upcycle-8x2": (576, 1536, 8, 2),
@@ -113,6 +118,25 @@ def train_step(block, x, grad):
     return run
 
 
+def expert_gemms_only(block: MoEBlock, x: torch.Tensor):
+    """Forward+backward of the block's expert GEMMs and SwiGLU on k*T rows grouped by expert with
+    the counts the block's router gives x, as if gathering and scattering cost nothing."""
+    experts = block.experts
+    with torch.no_grad():
+        counts_E = expert_counts(block.router(x.reshape(-1, x.shape[-1])).indices_TK, experts.num_experts)
+    offs_E = counts_E.cumsum(0).to(torch.int32)
+    g = torch.Generator().manual_seed(1)
+    x_AD = torch.randn(int(counts_E.sum()), x.shape[-1], generator=g)
+    grad_AD = torch.randn(x_AD.shape, generator=g)
+
+    def run():
+        experts.zero_grad(set_to_none=True)
+        xi = x_AD.detach().requires_grad_(True)
+        gate, up = grouped_mm(xi, experts.gate_up_proj.transpose(-2, -1), offs_E).chunk(2, dim=-1)
+        grouped_mm(F.silu(gate) * up, experts.down_proj.transpose(-2, -1), offs_E).backward(grad_AD)
+    return run
+
+
 def forward_only(block, x):
     def run():
         block.eval()
@@ -142,12 +166,14 @@ def main() -> None:
                     grad = torch.randn_like(x)
                     chosen = {label: b for label, b in blocks.items()
                               if label != "mixtral-batched_mm" or batched_mm_bytes(tokens, hidden, expert_size, top_k) < 2e9}
-                    times = time_interleaved({label: train_step(b, x, grad) if mode == "train" else forward_only(b, x)
-                                              for label, b in chosen.items()}, reps)
+                    fns = {label: train_step(b, x, grad) if mode == "train" else forward_only(b, x) for label, b in chosen.items()}
+                    if mode == "train":
+                        fns["gemms"] = expert_gemms_only(blocks["moeify-grouped_mm"], x)
+                    times = time_interleaved(fns, reps)
                     row = {"shape": name, "routing": routing, "mode": mode, "tokens": tokens,
                            "seconds": {k: statistics.median(v) for k, v in times.items()}, "ratio": paired_ratios(times)}
                     results.append(row)
-                    cells = "  ".join(f"{k.replace('moeify-', 'm:').replace('mixtral-', 'hf:')} {v:5.2f}" for k, v in row["ratio"].items() if k != "dense")
+                    cells = "  ".join(f"{k.replace('moeify-', 'm:').replace('mixtral-', 'hf:').replace('gemms', 'GEMMs alone')} {v:5.2f}" for k, v in row["ratio"].items() if k != "dense")
                     print(f"{name:<22}{routing:<9}{mode:<10}{tokens:>5}  {cells}", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}, indent=1) + "\n")
