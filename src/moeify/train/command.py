@@ -27,8 +27,10 @@ def run_train(command: TrainCommand) -> str | None:
     construction.seed = command.train.seed  # in place: the record of which settings were given stays
     try:
         result = train(command.train, construction, stop_after_steps=command.stop_after_steps)
-    finally:
-        shutdown_distributed()
+    except BaseException:
+        shutdown_distributed(finished=False)
+        raise
+    shutdown_distributed()
     if not result.is_main:
         return None
     if not result.finished:

@@ -42,8 +42,13 @@ def init_distributed() -> DistEnv:
     return DistEnv(rank, world_size, local_rank, device)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(finished: bool = True) -> None:
+    """End the process group. After a run every rank finished (`finished`), a barrier first: no rank
+    tears down its gloo threads while another still has work in flight with it. After an error the
+    other ranks may never arrive, so no barrier then."""
     if dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
