@@ -9,7 +9,7 @@ from safetensors import safe_open
 from moeify.build import build, build_config
 from moeify.cli import main
 from moeify.construct import ConstructionConfig, Partition
-from moeify.construct.carve import LayerCarver, activation_ratio, shared_size_for_ratio
+from moeify.construct.carve import CHUNK, LayerCarver, activation_ratio, routed_coefficients, shared_size_for_ratio
 from moeify.errors import MoeifyError
 from moeify.schema import replace_flat
 from tests.conftest import logits_of
@@ -72,6 +72,30 @@ def test_the_fitted_router_sends_a_token_made_of_one_experts_neurons_to_that_exp
     for expert, neurons in enumerate(result.experts_ES):
         token = (gate[neurons] + up[neurons]).sum(0, keepdim=True)
         assert int((token @ result.router_ED.T).argmax()) == expert
+
+
+def test_the_carved_output_is_each_neuron_times_its_experts_coefficient():
+    # What the next layer receives and the reported error, computed per chunk from the experts'
+    # outputs, equal the carved FFN written out neuron by neuron: h * (coefficient of the neuron's
+    # expert, 1 for the shared block), then down_proj; over more tokens than one chunk.
+    torch.manual_seed(0)
+    D, F, E, shared = 16, 48, 4, 16
+    gate, up, down = torch.randn(F, D), torch.randn(F, D), torch.randn(D, F)
+    x_TD = torch.randn(CHUNK + 300, D)
+    options = replace_flat(ConstructionConfig(method="carve", num_experts=E), top_k=2, pattern_dims=0, shared_size=shared)
+    carver = LayerCarver(gate, up, down, x_TD, options, shared_size=shared, scale=2.0, layer=0)
+    result = carver.carve()
+    h_TF = torch.nn.functional.silu(x_TD @ gate.T) * (x_TD @ up.T)
+    with torch.no_grad():
+        coef_TE = routed_coefficients(carver.router, x_TD, 2.0 * result.scales_E)
+    coef_TF = torch.ones_like(h_TF)
+    for expert, neurons in enumerate(result.experts_ES):
+        coef_TF[:, neurons] = coef_TE[:, expert, None]
+    assert set(result.shared_S.tolist()).isdisjoint(result.experts_ES.flatten().tolist())
+    expected_TD, dense_TD = (h_TF * coef_TF) @ down.T, h_TF @ down.T
+    torch.testing.assert_close(carver.output_TD, expected_TD, atol=1e-4, rtol=1e-5)
+    error = float((expected_TD - dense_TD).pow(2).sum() / dense_TD.pow(2).sum())
+    assert 0 < result.stats["error"] == pytest.approx(error, rel=1e-4)
 
 
 def test_k_equal_to_e_reproduces_the_dense_model(tiny_models, tmp_path):
