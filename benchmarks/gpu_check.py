@@ -10,6 +10,10 @@ SwiGLU of the same activated FLOPs at 8192 tokens, forward + backward.
     python benchmarks/gpu_check.py --out gpu_check.json        # on the GPU
     python benchmarks/gpu_check.py --smoke --out smoke.json    # tiny shapes on CPU (the tests run this)
 
+On a lent device machine (its own python3 with CUDA torch and transformers; nothing installed):
+    PYTHONPATH=src PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT/gpu_check.json
+with timeout_s 600: the default --budget-s 420 leaves the start of the last measurement time to end.
+
 One device call is all there may be, so nothing is lost to one failure: the JSON is rewritten after
 every measurement, a variant that raises (out of memory, a compile error) is recorded with its
 error and the next one runs, and none starts once `--budget-s` has passed (recorded as skipped).
