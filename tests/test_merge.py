@@ -230,3 +230,25 @@ def test_a_btx_partition_file_works_from_another_directory(tiny_models, fine_tun
     assert main(["build", str(tiny_models["llama"]), "--out", "direct", "--method", "btx", *absolute]) == 0
     ours, theirs = load_file(elsewhere / "moe" / "model.safetensors"), load_file(elsewhere / "direct" / "model.safetensors")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_routing_samples_spread_over_every_text(tiny_models, monkeypatch):
+    """The tokens kept to scale the rows and report the routing are every stride-th over all of a set's
+    texts (not the first texts' first tokens), at most SAMPLE_TOKENS of them, at the right positions."""
+    from tqdm import tqdm
+
+    from moeify.construct import text_router
+
+    monkeypatch.setattr(text_router, "SAMPLE_TOKENS", 10)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    texts = [list(range(5, 5 + n)) for n in (7, 12, 6)]  # 25 tokens: stride 3, positions 0, 3, ..., 24
+    with tqdm(disable=True) as bar:
+        record = text_router._run(model, texts, bar)
+    captured = []
+    model.model.layers[1].mlp.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0][0]))
+    with torch.no_grad():
+        for ids in texts:
+            model.model(torch.tensor([ids]), use_cache=False)
+    everything = torch.cat(captured)
+    torch.testing.assert_close(torch.cat(record.samples[1]), everything[::3].float())
+    assert len(torch.cat(record.samples[1])) == 9 and record.count == 25

@@ -19,6 +19,7 @@ output), n_e the same over e's negative prompts.
 mergekit itself takes the residual stream entering the layer, at each prompt's last token by default.
 """
 
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from moeify.errors import MoeifyError
 from moeify.yaml_file import read_yaml
 
 FIT_RIDGE = 0.01  # the fit's ridge, relative to the mean diagonal of G
-SAMPLE_TOKENS = 512  # tokens per expert and layer kept to scale the rows and report how they route
+SAMPLE_TOKENS = 512  # tokens per expert and layer kept to scale the rows and report how they route (evenly spread)
 POSITIVE_KEYS, NEGATIVE_KEYS = ("positive", "positive_prompts"), ("negative", "negative_prompts")
 
 
@@ -99,14 +100,15 @@ def _texts(dense: DenseCheckpoint, config: ConstructionConfig, mode: str) -> tup
 
 
 class _MLPInputs:
-    """Per layer: the sum and count of the MLP inputs of the tokens run, and the first SAMPLE_TOKENS of
-    them; with `gram` ([L] of [D, D] fp64, shared by every text set), x x^T of each token added with `weight`."""
+    """Per layer: the sum and count of the MLP inputs of the tokens run, and at most SAMPLE_TOKENS of
+    them, every `stride`-th over all the texts; with `gram` ([L] of [D, D] fp64, shared by every text
+    set), x x^T of each token added with `weight`."""
 
-    def __init__(self, num_layers: int, gram: list[torch.Tensor] | None, weight: float):
+    def __init__(self, num_layers: int, gram: list[torch.Tensor] | None, weight: float, total_tokens: int):
         self.sums: list[torch.Tensor | float] = [0.0] * num_layers
-        self.count = 0
+        self.count = 0  # tokens of the texts run so far
         self.samples: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
-        self.kept = 0
+        self.stride = max(1, math.ceil(total_tokens / SAMPLE_TOKENS))
         self.gram, self.weight = gram, weight
 
     def hook(self, layer: int):
@@ -115,9 +117,8 @@ class _MLPInputs:
             self.sums[layer] = self.sums[layer] + x_TD.sum(0)
             if self.gram is not None:
                 self.gram[layer].addmm_(x_TD.T, x_TD, alpha=self.weight)
-            room = SAMPLE_TOKENS - self.kept
-            if room > 0:
-                self.samples[layer].append(x_TD[:room].float())
+            first = -self.count % self.stride  # this text's first token at a multiple of the stride
+            self.samples[layer].append(x_TD[first::self.stride].float())
         return record
 
     def mean(self, layer: int) -> torch.Tensor:
@@ -128,13 +129,13 @@ class _MLPInputs:
 def _run(model: torch.nn.Module, texts: list[list[int]], progress: tqdm, gram: list[torch.Tensor] | None = None) -> _MLPInputs:
     """Every text through the model; each set weighs 1 in `gram` (each token 1 / the set's tokens)."""
     layers = model.model.layers
-    record = _MLPInputs(len(layers), gram, 1 / max(1, sum(len(ids) for ids in texts)))
+    total = sum(len(ids) for ids in texts)
+    record = _MLPInputs(len(layers), gram, 1 / max(1, total), total)
     handles = [layer.mlp.register_forward_pre_hook(record.hook(i)) for i, layer in enumerate(layers)]
     try:
         for ids in texts:
             model.model(torch.tensor([ids]), use_cache=False)  # the MLP inputs are all it needs: no logits
             record.count += len(ids)
-            record.kept = min(SAMPLE_TOKENS, record.kept + len(ids))
             progress.update(1)
     finally:
         for handle in handles:
