@@ -106,6 +106,29 @@ def test_fsdp_run_exports_and_resumes(tiny_moe, tiny_data, tmp_path):
     assert (out / "model" / "model.safetensors").exists()
 
 
+def test_an_error_every_rank_meets_is_printed_once(tiny_moe, tmp_path):
+    # The data check runs on rank 0 and is broadcast: before, each of the N ranks printed the line.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "moeify", "train",
+               "--model", str(tiny_moe), "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]
+    result = run_group(command, timeout=120)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("moeify: error:")]
+    assert errors == [f"moeify: error: {tmp_path / 'nothing'} is not a prepared data directory (no meta.json); run `moeify data prepare` first"]
+
+
+@pytest.mark.parametrize("flags", [["--lr", "abc"], ["--batch-size", "0"], ["--no-such-flag"]])
+def test_a_bad_command_line_is_printed_by_each_nodes_local_rank_0(flags, monkeypatch, capsys):
+    # Every rank torchrun starts on a node has the same command line, so the others say nothing.
+    from moeify.cli import main
+
+    monkeypatch.setenv("RANK", "5")
+    for local_rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        assert main(["train", "--data", "x", *flags]) == 2
+        stderr = capsys.readouterr().err
+        assert stderr.startswith("moeify: error:") == printed and (stderr.count("\n") == 1 if printed else stderr == "")
+
+
 def _save_with_one_failing_rank(rank: int, port: int, out: Path, failing_rank: int, failing_file: str) -> None:
     """One of two gloo ranks cannot write `failing_file` (the disk fills under it); then both save again."""
     import errno
@@ -115,11 +138,11 @@ def _save_with_one_failing_rank(rank: int, port: int, out: Path, failing_rank: i
     import torch
     import torch.distributed as dist
 
-    from moeify.errors import describe_os_error
+    from moeify.errors import describe_os_error, left_to_another_rank
     from moeify.train.checkpoint import save_checkpoint
     from moeify.train.distributed import DistEnv
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank))
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=30))
     env = DistEnv(rank, 2, rank, torch.device("cpu"))
     model = torch.nn.Linear(4, 4)
@@ -141,15 +164,15 @@ def _save_with_one_failing_rank(rank: int, port: int, out: Path, failing_rank: i
         torch.save, pathlib.Path.write_text = save, write_text
     try:
         save_checkpoint(out, 1, model, optimizer, {"step": 1}, env, keep=2)
-        outcome = "saved"
+        outcome, printed = "saved", True
     except OSError as error:
-        outcome = describe_os_error(error)
+        outcome, printed = describe_os_error(error), not left_to_another_rank(error)
     torch.save, pathlib.Path.write_text = real_save, real_write_text
     dist.barrier()
     leftovers = sorted(p.name for p in (out / "checkpoints").iterdir())
     dist.barrier()
     save_checkpoint(out, 2, model, optimizer, {"step": 2}, env, keep=2)  # the group is still in step
-    (out / f"outcome-{rank}.json").write_text(json.dumps({"first": outcome, "leftovers": leftovers}))
+    (out / f"outcome-{rank}.json").write_text(json.dumps({"first": outcome, "printed": printed, "leftovers": leftovers}))
     dist.destroy_process_group()
 
 
@@ -167,5 +190,6 @@ def test_a_checkpoint_write_failing_on_one_rank_stops_every_rank(failing_rank, f
     for outcome in outcomes:
         assert outcome["first"] == f"cannot write or read {failing_file}: No space left on device; free some space or write elsewhere"
         assert outcome["leftovers"] == []  # neither a temporary nor a checkpoint that looks complete
+    assert [outcome["printed"] for outcome in outcomes] == [True, False]  # one line from rank 0, whichever rank failed
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002"]
     assert (tmp_path / "checkpoints" / "step-000002" / "trainer.json").is_file()

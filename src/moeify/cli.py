@@ -13,7 +13,7 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any
 
-from moeify.errors import MoeifyError, describe_os_error
+from moeify.errors import MoeifyError, describe_os_error, left_to_another_rank, same_on_every_local_rank
 from moeify.schema import COMMAND_LINE, base_type, check_values, from_flat, leaves
 
 
@@ -108,7 +108,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse's errors (an unknown flag, a value not among the choices) in moeify's one-line form."""
 
     def error(self, message: str):
-        self.exit(2, f"moeify: error: {message}; `{self.prog} --help` lists what it takes\n")
+        error = same_on_every_local_rank(MoeifyError(f"{message}; `{self.prog} --help` lists what it takes"))
+        _print_error(str(error), error)
+        self.exit(2)
 
 
 def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -160,6 +162,11 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _print_error(message: str, error: BaseException) -> None:
+    if not left_to_another_rank(error):
+        print(f"moeify: error: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parser(argv).parse_args(argv)
@@ -169,15 +176,18 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_transformers()
     try:
         schema = _load(verb.schema)
-        config = from_flat(schema, _values(args, verb, schema), COMMAND_LINE)
+        try:
+            config = from_flat(schema, _values(args, verb, schema), COMMAND_LINE)
+        except MoeifyError as error:  # a bad flag or recipe value: alike on every rank of a node
+            raise same_on_every_local_rank(error)
         text = _load(verb.run)(config)
         if text:
             print(text)
     except MoeifyError as error:
-        print(f"moeify: error: {error}", file=sys.stderr)
+        _print_error(str(error), error)
         return 2
     except OSError as error:  # no space, read-only, permission: nothing half-written is left (outputs are atomic)
-        print(f"moeify: error: {describe_os_error(error)}", file=sys.stderr)
+        _print_error(describe_os_error(error), error)
         return 2
     except KeyboardInterrupt:
         print("moeify: interrupted", file=sys.stderr)

@@ -1,4 +1,6 @@
 import errno
+import os
+from typing import TypeVar
 
 
 class MoeifyError(ValueError):
@@ -19,3 +21,33 @@ def describe_os_error(error: OSError) -> str:
     where = f" {error.filename}" if getattr(error, "filename", None) else ""
     reason = error.strerror or str(error) or type(error).__name__
     return f"cannot write or read{where}: {reason}; {_FIXES.get(error.errno, 'check the path and try again')}"
+
+
+AnyError = TypeVar("AnyError", bound=BaseException)
+
+
+def same_on_every_rank(error: AnyError) -> AnyError:
+    """Mark an error the ranks of a torchrun job agreed on (through a collective): rank 0 prints it
+    and the others exit quietly, so 64 ranks give one line, not 64."""
+    error.printed_by = "RANK"  # type: ignore[attr-defined]
+    return error
+
+
+def same_on_every_local_rank(error: AnyError) -> AnyError:
+    """Mark an error that follows from the command line (and the recipe it names): the ranks torchrun
+    started on one node got the same one, so each node's local rank 0 prints it."""
+    error.printed_by = "LOCAL_RANK"  # type: ignore[attr-defined]
+    return error
+
+
+def printed_like(error: AnyError, original: BaseException) -> AnyError:
+    """`error`, which says more about `original`, printed by the same rank as `original` would be."""
+    if hasattr(original, "printed_by"):
+        error.printed_by = original.printed_by  # type: ignore[attr-defined]
+    return error
+
+
+def left_to_another_rank(error: BaseException) -> bool:
+    """True where a marked error is printed by another rank (rank 0 of the job or of the node)."""
+    variable = getattr(error, "printed_by", None)
+    return variable is not None and os.environ.get(variable, "0") != "0"

@@ -21,7 +21,7 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from moeify.errors import MoeifyError
+from moeify.errors import MoeifyError, same_on_every_rank
 from moeify.train.distributed import DistEnv, gather_to_list
 
 CHECKPOINTS = "checkpoints"
@@ -81,11 +81,15 @@ def _agreed_error(error: OSError | None, env: DistEnv) -> OSError | None:
     would otherwise leave the others waiting at the next collective until the job is killed."""
     if not env.distributed:
         return error
-    reports = gather_to_list(None if error is None else (error.errno, error.strerror or str(error), error.filename), env)
-    first = next((report for report in reports if report is not None), None)
-    if first is None or error is not None:
-        return error
-    return OSError(*first) if first[0] is not None else OSError(first[1])
+    report = None if error is None else (error.errno, error.strerror or str(error), error.filename)
+    reports = gather_to_list(report, env)
+    first = next((report for report in reports if report is not None), None)  # what rank 0 reports
+    if first is None:
+        return None
+    if error is None:
+        error = OSError(*first) if first[0] is not None else OSError(first[1])
+        report = first
+    return same_on_every_rank(error) if report == first else error
 
 
 def _os_error(error: Exception) -> OSError:

@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from moeify.construct import ConstructionConfig
-from moeify.errors import MoeifyError, describe_os_error
+from moeify.errors import MoeifyError, describe_os_error, printed_like, same_on_every_rank
 from moeify.modeling.hf import MoEFeedForward
 from moeify.train.checkpoint import save_checkpoint
 from moeify.train.config import TrainConfig
@@ -53,7 +53,7 @@ def train(config: TrainConfig, construction: ConstructionConfig | None = None, p
                     run.last_checkpoint = _checkpoint(run, step)
             except OSError as error:
                 where = f"{run.last_checkpoint} is complete: continue with --resume" if run.last_checkpoint else "no checkpoint was completed"
-                raise MoeifyError(f"{describe_os_error(error)}; training stopped at step {step}; {where}") from None
+                raise printed_like(MoeifyError(f"{describe_os_error(error)}; training stopped at step {step}; {where}"), error) from None
             if "heldout_loss" in record:
                 result.heldout = record["heldout_loss"]
             result.losses.append(record["loss"])
@@ -82,9 +82,9 @@ def _step(run: Session, step: int) -> dict:
                         run.accum, run.dtype, measure_bytes=step == 1)
     domain_stats = record.pop("_domain_stats")
     record["domain_loss"] = {d: (s / n).item() for d, (s, n) in zip(run.data.domains, domain_stats) if n > 0}
-    if not math.isfinite(record["loss"]):
-        raise MoeifyError(f"the loss became {record['loss']} at step {step}; training stopped, last good checkpoint: "
-                          f"{run.last_checkpoint or 'none'}; lower --lr or check the data")
+    if not math.isfinite(record["loss"]):  # the loss all ranks reduced: every rank stops here
+        raise same_on_every_rank(MoeifyError(f"the loss became {record['loss']} at step {step}; training stopped, last good "
+                                             f"checkpoint: {run.last_checkpoint or 'none'}; lower --lr or check the data"))
     lr = run.scheduler.get_last_lr()[0]  # the rate this step used
     run.scheduler.step()
     load = record.pop("_load", None)

@@ -20,7 +20,7 @@ from moeify.checkpoint.dense import DenseCheckpoint
 from moeify.checkpoint.formats import OutputFormat, choose_format
 from moeify.checkpoint.manifest import Manifest
 from moeify.construct import ConstructionConfig, ConstructionPlan
-from moeify.errors import MoeifyError
+from moeify.errors import MoeifyError, same_on_every_rank
 from moeify.modeling.canonical import DOWN, GATE_UP
 from moeify.modeling.hf import MoEFeedForward, attach_moe_blocks, moe_layers
 from moeify.schema import to_flat
@@ -53,7 +53,7 @@ def plan_online(dense: DenseCheckpoint, construction: ConstructionConfig, source
         dist.all_gather_object(settings, sorted(to_flat(construction).items()))
         if any(s != settings[0] for s in settings):
             differ = sorted({k for s in settings for k, v in s if (k, v) not in settings[0]})
-            raise MoeifyError(f"ranks disagree on the construction settings ({', '.join(differ)}); give every rank the same flags")
+            raise same_on_every_rank(MoeifyError(f"ranks disagree on the construction settings ({', '.join(differ)}); give every rank the same flags"))
     return plan, fmt, format_name
 
 

@@ -17,7 +17,7 @@ from moeify.construct import ConstructionConfig
 from moeify.data.packed import PackedDataset
 from moeify.data.prepare import PrepareConfig, prepare, tokenizer_fingerprint
 from moeify.data.sampler import DomainSampler, DynamicWeights, static_weights
-from moeify.errors import MoeifyError
+from moeify.errors import MoeifyError, same_on_every_local_rank, same_on_every_rank
 from moeify.modeling.chunked_loss import install_chunked_loss
 from moeify.modeling.hf import MoEFeedForward, hold_scale_as_multiplier
 from moeify.modeling.load import load_moe_model
@@ -70,11 +70,14 @@ class Session:
 def open_session(config: TrainConfig, construction: ConstructionConfig | None = None) -> Session:
     """Set a run up (or resume it); every check that can fail runs before the first step."""
     env = init_distributed()
-    check_config(config, env)
-    layout = Layout(env.world_size, config.ep, config.hsdp, config.parallel)
-    check_layout(layout)
     out = Path(config.out)
-    _prepare_out_dir(out, config, env)
+    layout = Layout(env.world_size, config.ep, config.hsdp, config.parallel)
+    try:
+        check_config(config, env)
+        check_layout(layout)
+        _prepare_out_dir(out, config, env)
+    except MoeifyError as error:  # from the flags and the node's files: alike on every rank of a node
+        raise same_on_every_local_rank(error)
     model_dir = _on_main_first(env, lambda: resolve_model(config.from_dense or config.model))
     data = _on_main_first(env, lambda: _dataset(config))
     if tokenizer_fingerprint(model_dir) != data.tokenizer_fingerprint:
@@ -179,7 +182,7 @@ def _on_main_first(env: DistEnv, make):
         message = [str(error) if error else None]
         torch.distributed.broadcast_object_list(message, src=0)
         if message[0] is not None:
-            raise MoeifyError(message[0])
+            raise same_on_every_rank(MoeifyError(message[0]))
     elif error is not None:
         raise error
     return value if env.is_main else make()
