@@ -129,8 +129,9 @@ def test_a_bad_command_line_is_printed_by_each_nodes_local_rank_0(flags, monkeyp
         assert stderr.startswith("moeify: error:") == printed and (stderr.count("\n") == 1 if printed else stderr == "")
 
 
-def _save_with_one_failing_rank(rank: int, port: int, out: Path, failing_rank: int, failing_file: str) -> None:
-    """One of two gloo ranks cannot write `failing_file` (the disk fills under it); then both save again."""
+def _save_with_failing_ranks(rank: int, port: int, out: Path, failing_rank: int | str, failing_file: str) -> None:
+    """One of two gloo ranks (or "every" rank) cannot write `failing_file` (the disk fills under it);
+    then both save again."""
     import errno
     import pathlib
     from datetime import timedelta
@@ -142,6 +143,7 @@ def _save_with_one_failing_rank(rank: int, port: int, out: Path, failing_rank: i
     from moeify.train.checkpoint import save_checkpoint
     from moeify.train.distributed import DistEnv
 
+    failing_file = failing_file.format(rank=rank)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank))
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=30))
     env = DistEnv(rank, 2, rank, torch.device("cpu"))
@@ -160,7 +162,7 @@ def _save_with_one_failing_rank(rank: int, port: int, out: Path, failing_rank: i
             raise disk_full
         return real_write_text(path, *args, **kwargs)
 
-    if rank == failing_rank:
+    if rank == failing_rank or failing_rank == "every":
         torch.save, pathlib.Path.write_text = save, write_text
     try:
         save_checkpoint(out, 1, model, optimizer, {"step": 1}, env, keep=2)
@@ -176,20 +178,21 @@ def _save_with_one_failing_rank(rank: int, port: int, out: Path, failing_rank: i
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("failing_rank, failing_file", [(1, "rng-rank1.pt"), (0, "trainer.json")])
-def test_a_checkpoint_write_failing_on_one_rank_stops_every_rank(failing_rank, failing_file, tmp_path):
+@pytest.mark.parametrize("failing_rank, failing_file", [(1, "rng-rank1.pt"), (0, "trainer.json"), ("every", "rng-rank{rank}.pt")])
+def test_a_checkpoint_write_failing_on_some_rank_stops_every_rank(failing_rank, failing_file, tmp_path):
     # Before, the other rank waited at a barrier for the failed one until the job was killed.
     import torch.multiprocessing as mp
 
-    context = mp.start_processes(_save_with_one_failing_rank, args=(free_port(), tmp_path, failing_rank, failing_file), nprocs=2,
+    context = mp.start_processes(_save_with_failing_ranks, args=(free_port(), tmp_path, failing_rank, failing_file), nprocs=2,
                                  join=False, start_method="spawn")
     deadline = time.monotonic() + 120
     while not context.join(timeout=max(1.0, deadline - time.monotonic())):  # True once both ranks have ended well
         assert time.monotonic() < deadline, "the ranks did not finish"
     outcomes = [json.loads((tmp_path / f"outcome-{rank}.json").read_text()) for rank in range(2)]
-    for outcome in outcomes:
-        assert outcome["first"] == f"cannot write or read {failing_file}: No space left on device; free some space or write elsewhere"
+    for rank, outcome in enumerate(outcomes):  # each rank's own failure, or the first rank's when it had none
+        file = failing_file.format(rank=rank)
+        assert outcome["first"] == f"cannot write or read {file}: No space left on device; free some space or write elsewhere"
         assert outcome["leftovers"] == []  # neither a temporary nor a checkpoint that looks complete
-    assert [outcome["printed"] for outcome in outcomes] == [True, False]  # one line from rank 0, whichever rank failed
+    assert [outcome["printed"] for outcome in outcomes] == [True, False]  # one line, from rank 0, whichever ranks failed
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002"]
     assert (tmp_path / "checkpoints" / "step-000002" / "trainer.json").is_file()

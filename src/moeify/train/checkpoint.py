@@ -89,7 +89,8 @@ def _agreed_error(error: OSError | None, env: DistEnv) -> OSError | None:
     if error is None:
         error = OSError(*first) if first[0] is not None else OSError(first[1])
         report = first
-    return same_on_every_rank(error) if report == first else error
+    # One line for a disk every rank found full, whichever file each was writing; another reason is printed too.
+    return same_on_every_rank(error) if report[:2] == first[:2] else error
 
 
 def _os_error(error: Exception) -> OSError:
