@@ -340,3 +340,22 @@ def test_bad_input_is_one_line_and_leaves_nothing(case: Case, context, tmp_path,
             assert not out.exists() or (out.is_dir() and not any(out.iterdir())), f"{out} was left behind"
             leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
             assert not leftovers, f"temporary files left: {leftovers}"
+
+
+def test_torch_save_on_a_full_disk_is_reported_as_no_space(tmp_path, monkeypatch):
+    # torch.save says "[enforce fail at inline_container.cc] unexpected pos" on a short write; a
+    # checkpoint's RNG file written so gave that text (or a traceback) instead of the disk being full.
+    import torch
+
+    from moeify.errors import describe_os_error
+    from moeify.train.checkpoint import _os_error
+
+    with target(tmp_path, "full", monkeypatch) as full:
+        if _MOUNTED["full"] != "tmpfs mount":
+            pytest.skip("needs a real 64 KiB tmpfs (mount not allowed here)")
+        with pytest.raises(RuntimeError) as raised:
+            torch.save(torch.zeros(100_000), full / "rng-rank0.pt")
+        message = describe_os_error(_os_error(raised.value, full))
+    assert message == f"cannot write or read {full}: No space left on device (a write came up short); free some space or write elsewhere"
+    with pytest.raises(RuntimeError, match="a bug"):  # any other RuntimeError is not turned into an I/O error
+        _os_error(RuntimeError("a bug"), full)

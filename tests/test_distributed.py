@@ -116,6 +116,25 @@ def test_an_error_every_rank_meets_is_printed_once(tiny_moe, tmp_path):
     assert errors == [f"moeify: error: {tmp_path / 'nothing'} is not a prepared data directory (no meta.json); run `moeify data prepare` first"]
 
 
+def test_a_disk_filling_at_a_checkpoint_under_torchrun_is_printed_once(tiny_moe, tiny_data, tmp_path, monkeypatch):
+    # Both ranks stop with the agreed reason; only rank 0 prints it (the loop rewords it, keeping that).
+    from tests.test_bad_input import _MOUNTED, target
+
+    with target(tmp_path, "full-1m", monkeypatch) as full:
+        if _MOUNTED["full-1m"] != "tmpfs mount":
+            pytest.skip("needs a real 1 MiB tmpfs (mount not allowed here); test_bad_input covers one process")
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "moeify", "train",
+                   "--model", str(tiny_moe), "--data", str(tiny_data), "--out", str(full / "run"), "--batch-size", "8",
+                   "--micro-batch", "2", "--max-tokens", "512", "--eval-blocks", "1", "--checkpoint-every", "1", "--no-export"]
+        result = run_group(command, timeout=180)
+        leftovers = sorted(p.name for p in (full / "run" / "checkpoints").iterdir())
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("moeify: error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert "No space left on device" in errors[0] and "training stopped at step 1; no checkpoint was completed" in errors[0]
+    assert leftovers == []
+
+
 @pytest.mark.parametrize("flags", [["--lr", "abc"], ["--batch-size", "0"], ["--no-such-flag"]])
 def test_a_bad_command_line_is_printed_by_each_nodes_local_rank_0(flags, monkeypatch, capsys):
     # Every rank torchrun starts on a node has the same command line, so the others say nothing.

@@ -11,6 +11,7 @@ crash during a save leaves the previous checkpoints intact; only the newest `kee
 write that fails on any rank stops every rank with that rank's reason (no rank waits on the others).
 """
 
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -55,8 +56,8 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, trainer_s
         try:
             dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "dcp"))
             torch.save(torch.get_rng_state(), tmp / f"rng-rank{env.rank}.pt")
-        except (OSError, CheckpointException) as failure:
-            error = _os_error(failure)
+        except (OSError, CheckpointException, RuntimeError) as failure:
+            error = _os_error(failure, tmp)
         error = _agreed_error(error, env)
     if error is None and env.is_main:
         try:
@@ -90,21 +91,33 @@ def _agreed_error(error: OSError | None, env: DistEnv) -> OSError | None:
         error = OSError(*first) if first[0] is not None else OSError(first[1])
         report = first
     # One line for a disk every rank found full, whichever file each was writing; another reason is printed too.
-    return same_on_every_rank(error) if report[:2] == first[:2] else error
+    same_kind = report[0] == first[0] if first[0] is not None else report[1] == first[1]
+    return same_on_every_rank(error) if same_kind else error
 
 
-def _os_error(error: Exception) -> OSError:
-    """DCP wraps each rank's failure in a CheckpointException; the OSError inside is what the user needs."""
+def _os_error(error: Exception, where: Path) -> OSError:
+    """DCP wraps each rank's failure in a CheckpointException; the OSError inside is what the user needs.
+    torch's zip writer (torch.save, DCP's small objects) reports a short write, as on a full disk, as a
+    RuntimeError "unexpected pos"; that becomes ENOSPC on `where`. Any other RuntimeError is a bug: re-raised."""
     if isinstance(error, OSError):
         return error
-    for failure in getattr(error, "failures", {}).values():
-        inner = failure[0] if isinstance(failure, tuple) else failure
+    failures = [failure[0] if isinstance(failure, tuple) else failure for failure in getattr(error, "failures", {}).values()]
+    for failure in failures:
+        inner = failure
         while inner is not None and not isinstance(inner, OSError):
             inner = inner.__cause__ or inner.__context__
         if inner is not None:
             return inner
-    first = next(iter(getattr(error, "failures", {}).values()), (error,))[0]
+    first = failures[0] if failures else error
+    if _short_write(first):
+        return OSError(errno.ENOSPC, "No space left on device (a write came up short)", str(where))
+    if isinstance(error, RuntimeError):
+        raise error
     return OSError(f"{type(first).__name__}: {str(first).splitlines()[0] if str(first) else 'checkpoint write failed'}")
+
+
+def _short_write(error: BaseException) -> bool:
+    return isinstance(error, RuntimeError) and "unexpected pos" in str(error)
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, env: DistEnv, identity: dict) -> dict:
