@@ -36,6 +36,11 @@ def run_group(command: list[str], timeout: float) -> subprocess.CompletedProcess
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
+def moeify_errors(stderr: str) -> list[str]:
+    """The `moeify: error:` lines of a launcher's stderr (torchrun adds its own report of the failed ranks)."""
+    return [line for line in stderr.splitlines() if line.startswith("moeify: error:")]
+
+
 def _torchrun(tiny_moe: Path, tiny_data: Path, out: Path, parallel: str, *extra: str) -> list[dict]:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "moeify", "train",
@@ -112,7 +117,7 @@ def test_an_error_every_rank_meets_is_printed_once(tiny_moe, tmp_path):
                "--model", str(tiny_moe), "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]
     result = run_group(command, timeout=120)
     assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("moeify: error:")]
+    errors = moeify_errors(result.stderr)
     assert errors == [f"moeify: error: {tmp_path / 'nothing'} is not a prepared data directory (no meta.json); run `moeify data prepare` first"]
 
 
@@ -129,7 +134,7 @@ def test_a_disk_filling_at_a_checkpoint_under_torchrun_is_printed_once(tiny_moe,
         result = run_group(command, timeout=180)
         leftovers = sorted(p.name for p in (full / "run" / "checkpoints").iterdir())
     assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("moeify: error:")]
+    errors = moeify_errors(result.stderr)
     assert len(errors) == 1, result.stderr[-3000:]
     assert "No space left on device" in errors[0] and "training stopped at step 1; no checkpoint was completed" in errors[0]
     assert leftovers == []
