@@ -10,6 +10,7 @@ import builtins
 import contextlib
 import errno
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -68,6 +69,7 @@ class Case:
     fragment: str  # what the one error line must say
     out: Callable[[dict], Path] | None = None  # what must not exist (or stay empty) afterwards
     mount: str | None = None  # "ro" | "full": ctx["mnt"] is such a directory
+    keep: Callable[[dict], Path] | None = None  # the user's files that must be byte for byte as they were
 
 
 def _recipe(ctx: dict, text: str) -> str:
@@ -97,10 +99,29 @@ def _stock_copy(ctx: dict) -> str:
 
 def _dir_with(ctx: dict, name: str, files: dict[str, str]) -> str:
     path = ctx["tmp"] / name
-    path.mkdir()
+    path.mkdir(parents=True)
     for file, text in files.items():
         (path / file).write_text(text)
     return str(path)
+
+
+def _copy(ctx: dict, key: str, name: str) -> str:
+    """A copy of a context model at tmp/NAME (the original is shared by every case)."""
+    shutil.copytree(ctx[key], ctx["tmp"] / name)
+    return str(ctx["tmp"] / name)
+
+
+def _with_config(ctx: dict, name: str, **changes) -> str:
+    """The tiny Llama with config.json changed (the weights as they are)."""
+    path = Path(_copy(ctx, "llama", name))
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **changes}))
+    return str(path)
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()} if path.is_dir() else \
+        {path.name: path.read_bytes()}
 
 
 L = lambda ctx: str(ctx["llama"])  # noqa: E731
@@ -129,7 +150,7 @@ CASES = [
     Case("build-negative-scale", lambda c: BUILD(c, "--scale", "-2"), "--scale is -2.0; it must be greater than 0", OUT),
     Case("build-negative-router-std", lambda c: BUILD(c, "--router-std", "-1"), "--router-std is -1.0; it must be at least 0", OUT),
     Case("build-megatron-scaling-on-a-split", lambda c: BUILD(c, "--method", "random-split", "--num-experts", "4", "--weight-scaling",
-                                                          "megatron"), "--weight-scaling megatron is Megatron-Core's rule", OUT),
+                                                          "megatron"), "--weight-scaling is read with --method upcycle, granular-upcycle, drop-upcycle, noise-upcycle or btx, not with --method random-split", OUT),
     Case("build-noise-fraction-zero", lambda c: BUILD(c, "--method", "noise-upcycle", "--noise-fraction", "0"), "--noise-fraction is 0.0", OUT),
     Case("build-drop-ratio-above-1", lambda c: BUILD(c, "--method", "drop-upcycle", "--drop-ratio", "1.5"), "in [0, 1]", OUT),
     Case("build-granularity-zero", lambda c: BUILD(c, "--granularity", "0"), "--granularity is 0", OUT),
@@ -143,7 +164,7 @@ CASES = [
     Case("build-btx-missing-model", lambda c: BUILD(c, "--method", "btx", "--expert-model", L(c), "--expert-model", str(c["tmp"] / "nope")), "no model at", OUT),
     Case("build-btx-count", lambda c: BUILD(c, "--method", "btx", "--expert-model", L(c), "--num-experts", "3"),
          "one expert per --expert-model: 1 given, --num-experts 3", OUT),
-    Case("build-expert-model-without-btx", lambda c: BUILD(c, "--expert-model", L(c)), "--expert-model is read by --method btx", OUT),
+    Case("build-expert-model-without-btx", lambda c: BUILD(c, "--expert-model", L(c)), "--expert-model is read with --method btx, not with --method upcycle", OUT),
     Case("build-prompts-missing-file", lambda c: BUILD(c, "--expert-prompts", str(c["tmp"] / "nope.yaml")), "nope.yaml does not exist", OUT),
     Case("build-prompts-empty-file", lambda c: BUILD(c, "--expert-prompts", _file(c, "p.yaml", b"")), "holds no expert entries", OUT),
     Case("build-prompts-not-yaml", lambda c: BUILD(c, "--expert-prompts", _file(c, "p.yaml", b"- positive: [unclosed")), "is not valid YAML", OUT),
@@ -189,6 +210,41 @@ CASES = [
          "--shared-size must be in [0, 96)", OUT),
     Case("build-needs-calibration", lambda c: BUILD(c, "--method", "sharing-inner", "--num-experts", "4"), "needs calibration text", OUT),
     Case("build-bad-routing-choice", lambda c: BUILD(c, "--recipe", _recipe(c, "build:\n  routing: softmax\n")), "choose one of", OUT),
+    # build: never the user's files, never its own input (issue 31)
+    Case("build-force-over-user-dir", lambda c: ["build", L(c), "--out", _dir_with(c, "mine", {"keep.txt": "mine"}), "--force"],
+         "is not empty and not a directory moeify wrote", keep=lambda c: c["tmp"] / "mine"),
+    Case("build-out-is-model", lambda c: ["build", _copy(c, "llama", "m"), "--out", str(c["tmp"] / "m"), "--force"], "is the input",
+         keep=lambda c: c["tmp"] / "m"),
+    Case("build-out-holds-model", lambda c: ["build", _copy(c, "llama", "parent/m"), "--out", str(c["tmp"] / "parent"), "--force"],
+         "holds the input", keep=lambda c: c["tmp"] / "parent"),
+    Case("build-out-inside-model", lambda c: ["build", _copy(c, "llama", "m"), "--out", str(c["tmp"] / "m" / "moe")], "lies inside the input",
+         keep=lambda c: c["tmp"] / "m"),
+    Case("build-out-holds-recipe", lambda c: ["build", L(c), "--recipe", _recipe(c, "build:\n  top_k: 2\n"), "--out", str(c["tmp"]),
+                                              "--force"], "holds the input", keep=lambda c: c["tmp"] / "recipe.yaml"),
+    Case("build-scale-nan", lambda c: BUILD(c, "--scale", "nan"), "--scale is nan; it must be a finite number", OUT),
+    Case("build-router-std-inf", lambda c: BUILD(c, "--router-std", "inf"), "--router-std is inf; it must be a finite number", OUT),
+    Case("build-recipe-scale-inf", lambda c: BUILD(c, "--recipe", _recipe(c, "build:\n  scale: .inf\n")), "scale in recipe", OUT),
+    Case("build-config-ffn-disagrees", lambda c: ["build", _with_config(c, "cfg", intermediate_size=128), "--out", str(OUT(c))],
+         "model.layers.0.mlp.gate_proj.weight is [96, 64], but config.json (hidden_size 64, intermediate_size 128", OUT),
+    Case("build-config-hidden-disagrees", lambda c: ["build", _with_config(c, "cfg", hidden_size=32), "--out", str(OUT(c))],
+         "model.embed_tokens.weight is [320, 64], but config.json (hidden_size 32", OUT),
+    Case("build-config-fewer-layers", lambda c: ["build", _with_config(c, "cfg", num_hidden_layers=1), "--out", str(OUT(c))],
+         "holds more layers than config.json's num_hidden_layers 1", OUT),
+    Case("build-drop-ratio-with-upcycle", lambda c: BUILD(c, "--drop-ratio", "0.3"),
+         "--drop-ratio is read with --method drop-upcycle, not with --method upcycle", OUT),
+    Case("build-granularity-with-random-split", lambda c: BUILD(c, "--method", "random-split", "--num-experts", "4", "--granularity", "2"),
+         "--granularity is read with --method granular-upcycle, not with --method random-split", OUT),
+    Case("build-activation-ratio-with-upcycle", lambda c: BUILD(c, "--activation-ratio", "0.5"),
+         "--activation-ratio is read with --method carve, not with --method upcycle", OUT),
+    Case("build-recovery-steps-with-upcycle", lambda c: BUILD(c, "--recovery-steps", "10"),
+         "--recovery-steps is read with --method carve, not with --method upcycle", OUT),
+    Case("build-merge-others-without-btx", lambda c: BUILD(c, "--merge-others", "base"), "--merge-others is read with --method btx", OUT),
+    Case("build-mlp-gate-init-without-mlp-gate", lambda c: BUILD(c, "--mlp-gate-init", "normal"), "--mlp-gate-init is read with --gate mlp",
+         OUT),
+    Case("build-renormalize-with-topk-softmax", lambda c: BUILD(c, "--no-renormalize"), "--renormalize is read with --routing softmax-topk",
+         OUT),
+    Case("build-mlp-gate-as-mixtral", lambda c: BUILD(c, "--gate", "mlp", "--format", "mixtral"),
+         "--format mixtral cannot hold the mlp gate", OUT),
     # split
     Case("split-out-is-dir", lambda c: ["split", L(c), "--method", "random-split", "--num-experts", "4", "--out", str(c["tmp"])],
          "is a directory"),
@@ -213,6 +269,12 @@ CASES = [
     Case("split-carve-too-little-text", lambda c: ["split", L(c), "--method", "carve", "--num-experts", "6", "--calibration", "embedded",
                                                    "--calibration-tokens", "64", "--calibration-seq-len", "32", "--out", str(c["tmp"] / "q.st")],
          "--method carve needs at least 128 (twice the hidden size", lambda c: c["tmp"] / "q.st"),
+    Case("split-force-over-user-file", lambda c: ["split", L(c), "--method", "random-split", "--num-experts", "4", "--force", "--out",
+                                                  _file(c, "notes.safetensors", b"mine")], "exists and is not a file moeify wrote",
+         keep=lambda c: c["tmp"] / "notes.safetensors"),
+    Case("split-out-inside-model", lambda c: ["split", _copy(c, "llama", "m"), "--method", "random-split", "--num-experts", "4", "--force",
+                                              "--out", str(c["tmp"] / "m" / "model.safetensors")], "lies inside the input",
+         keep=lambda c: c["tmp"] / "m"),
     Case("split-carve-balance-without-sigmoid", lambda c: ["split", L(c), "--method", "carve", "--num-experts", "6", "--balance-bias",
                                                            "--out", str(c["tmp"] / "q.st")], "--balance-bias needs a format",
          lambda c: c["tmp"] / "q.st"),
@@ -224,6 +286,10 @@ CASES = [
     Case("export-missing", lambda c: ["export", str(c["tmp"] / "nope"), "--out", str(OUT(c))], "no model at", OUT),
     Case("export-read-only", lambda c: ["export", str(c["moe"]), "--out", str(c["mnt"] / "x")], "Read-only file system",
          lambda c: c["mnt"] / "x", "ro"),
+    Case("export-out-is-input", lambda c: ["export", _copy(c, "moe", "x"), "--out", str(c["tmp"] / "x"), "--force"], "is the input",
+         keep=lambda c: c["tmp"] / "x"),
+    Case("export-force-over-user-dir", lambda c: ["export", str(c["moe"]), "--force", "--out", _dir_with(c, "mine", {"keep.txt": "m"})],
+         "not a directory moeify wrote", keep=lambda c: c["tmp"] / "mine"),
     Case("export-out-not-empty", lambda c: ["export", str(c["moe"]), "--out", _dir_with(c, "occupied", {"a": "b"})], "not empty"),
     # compare-init
     Case("compare-unknown-method", lambda c: ["compare-init", L(c), "--methods", "upcycle,nope", "--out", str(OUT(c))],
@@ -233,6 +299,14 @@ CASES = [
          "--activation-ratio 0.3 of --blocks 16 is 4.8 blocks", OUT),
     Case("compare-upcycle-at-a-ratio", lambda c: ["compare-init", L(c), "--activation-ratio", "0.25", "--methods", "upcycle",
                                                   "--out", str(OUT(c))], "has no place at --activation-ratio 0.25", OUT),
+    Case("compare-methods-empty", lambda c: ["compare-init", L(c), "--methods", "", "--out", str(OUT(c))], "names no method", OUT),
+    Case("compare-methods-twice", lambda c: ["compare-init", L(c), "--methods", "upcycle,upcycle", "--out", str(OUT(c))],
+         "names a method twice", OUT),
+    Case("compare-option-no-method-reads", lambda c: ["compare-init", L(c), "--methods", "upcycle,random-split", "--num-experts", "4",
+                                                      "--drop-ratio", "0.2", "--out", str(OUT(c))],
+         "--drop-ratio is read by none of the compared methods (upcycle, random-split)", OUT),
+    Case("compare-out-holds-model", lambda c: ["compare-init", _copy(c, "llama", "parent/m"), "--out", str(c["tmp"] / "parent"), "--force"],
+         "holds the input", keep=lambda c: c["tmp"] / "parent"),
     Case("compare-block-size", lambda c: ["compare-init", L(c), "--block-size", "1", "--out", str(OUT(c))], "at least 2", OUT),
     # experiment
     Case("experiment-unknown", lambda c: ["experiment", "nope", "--out", str(OUT(c))], "no experiment 'nope'", OUT),
@@ -242,6 +316,14 @@ CASES = [
          "e.yaml is not a text file (not UTF-8)", OUT),
     Case("experiment-not-a-mapping", lambda c: ["experiment", _experiment(c, [1, 2]), "--out", str(OUT(c))], "an experiment is a mapping",
          OUT),
+    Case("experiment-arm-name-escapes", lambda c: ["experiment", _experiment(c, {"name": "x", "model": L(c), "arms": [
+        {"name": "../../escaped"}]}), "--out", str(OUT(c))], "the arm name '../../escaped' cannot name a file", OUT),
+    Case("experiment-arm-names-repeat", lambda c: ["experiment", _experiment(c, {"name": "x", "model": L(c), "arms": [
+        {"name": "a"}, {"name": "a"}]}), "--out", str(OUT(c))], "arm names repeat (a)", OUT),
+    Case("experiment-shared-option-unread", lambda c: ["experiment", _experiment(c, {"name": "x", "model": L(c), "build": {"drop_ratio": 0.2},
+        "arms": [{"name": "a", "build": {"method": "upcycle"}}]}), "--out", str(OUT(c))], "--drop-ratio is read by none of the arms (a)", OUT),
+    Case("experiment-out-is-model", lambda c: ["experiment", "capacity", "--model", _copy(c, "llama", "m"), "--out", str(c["tmp"] / "m"),
+                                               "--force"], "is the input", keep=lambda c: c["tmp"] / "m"),
     Case("experiment-max-tokens-zero", lambda c: ["experiment", "capacity", "--max-tokens", "0", "--out", str(OUT(c))], "at least 1", OUT),
     # quickstart
     Case("quickstart-negative-train-tokens", lambda c: ["quickstart", L(c), "--train-tokens", "-5", "--work-dir", str(OUT(c))],
@@ -249,6 +331,12 @@ CASES = [
     Case("quickstart-top-k-zero", lambda c: ["quickstart", L(c), "--top-k", "0", "--work-dir", str(OUT(c))], "--top-k is 0", OUT),
     Case("quickstart-read-only", lambda c: ["quickstart", L(c), "--train-tokens", "0", "--eval-tokens", "64", "--block-size", "32",
                                             "--work-dir", str(c["mnt"] / "qs")], "Read-only file system", lambda c: c["mnt"] / "qs", "ro"),
+    Case("quickstart-work-dir-is-model", lambda c: ["quickstart", _copy(c, "llama", "m"), "--work-dir", str(c["tmp"] / "m"),
+                                                    "--eval-tokens", "64", "--block-size", "32"], "lies inside the input",
+         keep=lambda c: c["tmp"] / "m"),
+    Case("quickstart-work-dir-holds-user-dir", lambda c: ["quickstart", L(c), "--eval-tokens", "64", "--block-size", "32", "--work-dir",
+                                                          str(Path(_dir_with(c, "w/upcycle", {"keep.txt": "m"})).parent)],
+         "not a directory moeify wrote", keep=lambda c: c["tmp"] / "w"),
     Case("quickstart-missing-model", lambda c: ["quickstart", str(c["tmp"] / "nope"), "--work-dir", str(OUT(c))], "no model at", OUT),
     # data prepare
     Case("prepare-seq-len", lambda c: ["data", "prepare", L(c), "--seq-len", "1", "--out", str(OUT(c))], "--seq-len is 1", OUT),
@@ -259,6 +347,14 @@ CASES = [
     Case("prepare-no-tokenizer", lambda c: ["data", "prepare", str(c["no_tokenizer"]), "--out", str(OUT(c))], "no usable tokenizer", OUT),
     Case("prepare-empty-source", lambda c: ["data", "prepare", L(c), "--source", f"web={_dir_with(c, 'blank', {'a.txt': ' '})}",
                                             "--out", str(OUT(c))], "has no text", OUT),
+    Case("prepare-out-not-moeify", lambda c: ["data", "prepare", L(c), "--out", _dir_with(c, "mine", {"keep.txt": "mine"})],
+         "not a directory moeify wrote", keep=lambda c: c["tmp"] / "mine"),
+    Case("prepare-out-is-source", lambda c: ["data", "prepare", L(c), "--source", f"web={_dir_with(c, 'src', {'a.txt': 'hello ' * 200})}",
+                                             "--out", str(c["tmp"] / "src"), "--force"], "is the input", keep=lambda c: c["tmp"] / "src"),
+    Case("prepare-domain-escapes", lambda c: ["data", "prepare", L(c), "--source", f"../../x={_dir_with(c, 'src', {'a.txt': 'hi ' * 200})}",
+                                              "--out", str(OUT(c))], "the domain '../../x' cannot name a file", OUT),
+    Case("prepare-domain-hidden", lambda c: ["data", "prepare", L(c), "--source", f".x={_dir_with(c, 'src', {'a.txt': 'hi ' * 200})}",
+                                             "--out", str(OUT(c))], "the domain '.x' cannot name a file", OUT),
     Case("prepare-read-only", lambda c: ["data", "prepare", L(c), "--out", str(c["mnt"] / "data")], "Read-only file system",
          lambda c: c["mnt"] / "data", "ro"),
     # eval
@@ -267,10 +363,21 @@ CASES = [
     Case("eval-not-a-model", lambda c: ["eval", _dir_with(c, "nomodel", {"r.txt": "x"}), "--out", str(OUT(c))], "is not a model", OUT),
     Case("eval-empty-domain", lambda c: ["eval", L(c), "--data", f"web={_dir_with(c, 'blank2', {'a.txt': ' '})}", "--out", str(OUT(c))],
          "no text found", OUT),
+    Case("eval-out-is-model", lambda c: ["eval", _copy(c, "llama", "m"), "--out", str(c["tmp"] / "m"), "--force"], "is the input",
+         keep=lambda c: c["tmp"] / "m"),
+    Case("eval-out-holds-data", lambda c: ["eval", L(c), "--data", f"web={_dir_with(c, 'd/web', {'a.txt': 'hi ' * 200})}", "--out",
+                                           str(c["tmp"] / "d"), "--force"], "holds the input", keep=lambda c: c["tmp"] / "d"),
     Case("eval-read-only", lambda c: ["eval", L(c), "--max-tokens", "64", "--out", str(c["mnt"] / "e")], "Read-only file system",
          lambda c: c["mnt"] / "e", "ro"),
     # report, generate
     Case("report-no-metrics", lambda c: ["report", str(c["tmp"])], "has no metrics.jsonl"),
+    Case("report-eval-missing", lambda c: ["report", _dir_with(c, "run", {"metrics.jsonl": "{}\n"}), "--eval", str(c["tmp"] / "nope")],
+         "--eval " + "{tmp}/nope has no eval.json"),
+    Case("report-force-over-user-file", lambda c: ["report", _dir_with(c, "run", {"metrics.jsonl": "{}\n", "report.html": "mine"}),
+                                                   "--force"], "exists and is not a file moeify wrote", keep=lambda c: c["tmp"] / "run"),
+    Case("report-out-is-metrics", lambda c: ["report", _dir_with(c, "run", {"metrics.jsonl": "{}\n"}), "--out",
+                                             str(c["tmp"] / "run" / "metrics.jsonl"), "--force"], "is the input",
+         keep=lambda c: c["tmp"] / "run"),
     Case("generate-negative-tokens", lambda c: ["generate", L(c), "--prompt", "hi", "--max-new-tokens", "-1"], "--max-new-tokens is -1"),
     Case("generate-empty-prompt", lambda c: ["generate", L(c), "--prompt", "  "], "--prompt is empty"),
     Case("generate-missing-model", lambda c: ["generate", str(c["tmp"] / "nope"), "--prompt", "hi"], "no model at"),
@@ -292,6 +399,14 @@ CASES = [
     Case("train-disk-full-at-checkpoint", lambda c: [*TRAIN(c)[:4], "--out", str(c["mnt"] / "run"), *TRAIN(c)[6:], "--checkpoint-every", "1"],
          "No space left on device; free some space or write elsewhere; training stopped at step 1; no checkpoint was completed",
          lambda c: c["mnt"] / "run" / "checkpoints", "full-1m"),
+    Case("train-grad-clip-nan", lambda c: [*TRAIN(c), "--grad-clip", "nan"], "--grad-clip is nan; it must be a finite number", OUT),
+    Case("train-domain-weight-nan", lambda c: [*TRAIN(c), "--domain-weights", "code=nan,docstrings=1,reference=1"], "non-negative weight", OUT),
+    Case("train-force-over-user-dir", lambda c: [*TRAIN(c)[:4], "--out", _dir_with(c, "mine", {"keep.txt": "m"}), *TRAIN(c)[6:], "--force"],
+         "not a directory moeify wrote", keep=lambda c: c["tmp"] / "mine"),
+    Case("train-out-is-model", lambda c: ["train", _copy(c, "moe", "m"), *TRAIN(c)[2:4], "--out", str(c["tmp"] / "m"), *TRAIN(c)[6:],
+                                          "--force"], "is the input", keep=lambda c: c["tmp"] / "m"),
+    Case("train-out-holds-data", lambda c: [*TRAIN(c)[:2], "--data", _copy(c, "data", "run/data"), "--out", str(c["tmp"] / "run"),
+                                            *TRAIN(c)[6:], "--force"], "holds the input", keep=lambda c: c["tmp"] / "run"),
     Case("train-read-only", lambda c: [*TRAIN(c)[:4], "--out", str(c["mnt"] / "run"), *TRAIN(c)[6:]], "Read-only file system",
          lambda c: c["mnt"] / "run", "ro"),
 ]
@@ -327,6 +442,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(case: Case, context, tmp_path,
         if case.mount:
             ctx["mnt"] = stack.enter_context(target(tmp_path, case.mount, monkeypatch))
         argv = case.argv(ctx)
+        kept = _tree(case.keep(ctx)) if case.keep else None
         capsys.readouterr()
         code = main(argv)
         err = capsys.readouterr().err
@@ -334,7 +450,11 @@ def test_bad_input_is_one_line_and_leaves_nothing(case: Case, context, tmp_path,
         assert code == 2, f"exit {code}; stderr:\n{err}"
         assert "Traceback" not in err
         assert len(lines) == 1 and lines[0].startswith("moeify: error: "), f"expected one error line, got:\n{err}"
-        assert case.fragment in lines[0], f"{case.fragment!r} not in {lines[0]!r}"
+        fragment = case.fragment.replace("{tmp}", str(tmp_path))
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+        if case.keep:
+            assert _tree(case.keep(ctx)) == kept, f"the user's files in {case.keep(ctx)} changed"
+            assert not list(tmp_path.rglob(".*.tmp-*")), "temporary files left"
         if case.out is not None:
             out = case.out(ctx)
             assert not out.exists() or (out.is_dir() and not any(out.iterdir())), f"{out} was left behind"

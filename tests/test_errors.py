@@ -92,10 +92,15 @@ def test_out_exists_and_not_empty(capsys, tiny_models, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    _fails(capsys, _build(tiny_models["llama"], out), "not empty", "--force")
-    assert (out / "keep.txt").read_text() == "mine"
-    assert main(_build(tiny_models["llama"], out, "--force")) == 0
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    _fails(capsys, _build(tiny_models["llama"], out), "not empty", "choose another path")
+    _fails(capsys, _build(tiny_models["llama"], out, "--force"), "not empty", "never anything else")  # not moeify's: kept
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    moe = tmp_path / "moe"
+    assert main(_build(tiny_models["llama"], moe)) == 0
+    _fails(capsys, _build(tiny_models["llama"], moe), "exists", "--force")
+    (moe / "stale.txt").write_text("x")
+    assert main(_build(tiny_models["llama"], moe, "--force")) == 0  # moeify's own output: replaced whole
+    assert not (moe / "stale.txt").exists() and (moe / "config.json").exists()
 
 
 def test_failure_midway_leaves_nothing(tiny_models, tmp_path, monkeypatch, capsys):

@@ -187,8 +187,8 @@ def test_fitted_rows_are_the_least_squares_solution(tiny_models, tmp_path):
 
     prompts = tmp_path / "prompts.yaml"
     prompts.write_text(yaml.safe_dump(PROMPTS))
-    out = build(build_config(model=str(tiny_models["llama"]), out=tmp_path / "fit", num_experts=3, expert_prompts=prompts,
-                             router_std=0.0), progress=False)
+    out = build(build_config(model=str(tiny_models["llama"]), out=tmp_path / "fit", num_experts=3, expert_prompts=prompts),
+                progress=False)
     row_0 = load_file(out / "model.safetensors")["model.layers.0.block_sparse_moe.gate.weight"].double()
     dense = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float64).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])

@@ -11,7 +11,7 @@ from typing import ClassVar, Literal
 import torch
 from tqdm import tqdm
 
-from moeify.checkpoint.atomic import check_output_dir
+from moeify.checkpoint.atomic import check_output
 from moeify.checkpoint.dense import DenseCheckpoint, is_ffn_tensor
 from moeify.checkpoint.formats import OutputFormat, choose_format
 from moeify.checkpoint.formats.base import print_engine_limits
@@ -53,8 +53,10 @@ def build(config: BuildConfig, progress: bool = True) -> Path:
     if config.max_shard_mb <= 0:
         raise MoeifyError(f"--max-shard-mb must be positive, got {config.max_shard_mb}")
     out = Path(config.out)
-    check_output_dir(out, config.force)
+    reads = [Path(config.model), *config.construction.read_paths()]
+    check_output(out, config.force, reads)
     dense = DenseCheckpoint(resolve_model(config.model))
+    reads.append(dense.path)
     plan = ConstructionPlan.make(dense, config.construction, config.model, progress)
     fmt, format_name = choose_format(dense.config, plan.features, plan.config.format)
     moe_config = fmt.make_config(dense.config, plan.num_experts, plan.top_k, plan.expert_size, plan.features)
@@ -66,7 +68,8 @@ def build(config: BuildConfig, progress: bool = True) -> Path:
                                                                                        layout=layout)
     tensors = cast_floating(moe_tensors(dense, plan, fmt, layout, progress), dtype, fmt.keeps_fp32)
     try:
-        written = write_checkpoint(out, tensors, moe_config, dense.path, manifest, config.force, int(config.max_shard_mb * (1 << 20)))
+        written = write_checkpoint(out, tensors, moe_config, dense.path, manifest, config.force, int(config.max_shard_mb * (1 << 20)),
+                                   reads=reads, verb="build")
     finally:
         tensors.close()  # a failed write still ends the progress bar's line
     print_engine_limits(fmt, moe_config, layout)

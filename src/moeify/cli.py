@@ -13,7 +13,13 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any
 
-from moeify.errors import MoeifyError, describe_os_error, left_to_another_rank, same_on_every_local_rank
+from moeify.checkpoint.atomic import also_reading
+from moeify.errors import (
+    MoeifyError,
+    describe_os_error,
+    left_to_another_rank,
+    same_on_every_local_rank,
+)
 from moeify.schema import COMMAND_LINE, base_type, check_values, from_flat, leaves
 
 
@@ -31,6 +37,8 @@ class Verb:
     skip: frozenset[str] = frozenset()
     recipe: str | None = None
     """The recipe section (build or train) whose keys are defaults for the flags."""
+    output: str | None = None
+    """The leaf naming what the verb writes; it goes through the one output rule (checkpoint/atomic.py)."""
 
 
 MODEL_ALIAS = {"model": ("--model",), "num_experts": ("--experts",)}
@@ -39,29 +47,29 @@ VERBS = [
     Verb("inspect", "describe a dense model and the MoE each method would make", "moeify.inspect_model:InspectConfig",
          "moeify.inspect_model:run_inspect", ("model",), MODEL_ALIAS),
     Verb("build", "build an MoE checkpoint from a dense model", "moeify.build:BuildConfig", "moeify.build:run_build",
-         ("model",), MODEL_ALIAS, recipe="build"),
+         ("model",), MODEL_ALIAS, recipe="build", output="out"),
     Verb("split", "write a partition file (moeify inspect lists the methods)", "moeify.split:SplitConfig", "moeify.split:run_split",
-         ("model",), MODEL_ALIAS, recipe="build"),
+         ("model",), MODEL_ALIAS, recipe="build", output="out"),
     Verb("export", "write a built or trained MoE as a stock transformers checkpoint (verified)", "moeify.checkpoint.export:ExportConfig",
-         "moeify.checkpoint.export:run_export", ("model",), MODEL_ALIAS),
+         "moeify.checkpoint.export:run_export", ("model",), MODEL_ALIAS, output="out"),
     Verb("compare-init", "held-out perplexity of each construction method, untrained", "moeify.compare_init:CompareInitConfig",
-         "moeify.compare_init:run_compare_init", ("model",), MODEL_ALIAS, CONSTRUCTION_ONLY, recipe="build"),
+         "moeify.compare_init:run_compare_init", ("model",), MODEL_ALIAS, CONSTRUCTION_ONLY, recipe="build", output="out"),
     Verb("experiment", "run a paper comparison (moeify/experiments/NAME.yaml): every arm, same budget and seed",
-         "moeify.experiment:ExperimentConfig", "moeify.experiment:run_experiment_command", ("spec",)),
+         "moeify.experiment:ExperimentConfig", "moeify.experiment:run_experiment_command", ("spec",), output="out"),
     Verb("quickstart", "build, reload and compare upcycled and random-split MoEs", "moeify.quickstart:QuickstartConfig",
-         "moeify.quickstart:run_quickstart", ("model",), MODEL_ALIAS),
+         "moeify.quickstart:run_quickstart", ("model",), MODEL_ALIAS, output="work_dir"),
     Verb("data prepare", "tokenise and pack corpora per domain (default: the embedded corpus)", "moeify.data.prepare:PrepareConfig",
-         "moeify.data.prepare:run_prepare", ("model",), {**MODEL_ALIAS, "sources": ("--source",)}),
+         "moeify.data.prepare:run_prepare", ("model",), {**MODEL_ALIAS, "sources": ("--source",)}, output="out"),
     Verb("eval", "per-domain loss, perplexity, bits per byte and routing of models side by side", "moeify.evaluate.run:EvalConfig",
-         "moeify.evaluate.run:run_eval", ("models",), {"sources": ("--source", "--data")}),
+         "moeify.evaluate.run:run_eval", ("models",), {"sources": ("--source", "--data")}, output="out"),
     Verb("report", "HTML report of a training run (and its evaluations)", "moeify.evaluate.report:ReportConfig",
-         "moeify.evaluate.report:run_report", ("run",), {"evals": ("--eval",)}),
+         "moeify.evaluate.report:run_report", ("run",), {"evals": ("--eval",)}, output="out"),
     Verb("generate", "greedy completion of a prompt", "moeify.evaluate.generate:GenerateConfig", "moeify.evaluate.generate:run_generate",
          ("model",), MODEL_ALIAS),
     Verb("plan-memory", "per-GPU memory of a training job for a layout (GPUs, --ep, --hsdp)", "moeify.plan_memory:PlanMemoryConfig",
          "moeify.plan_memory:run_plan_memory", ("model",), MODEL_ALIAS),
     Verb("train", "continual pre-training (run under torchrun for several ranks)", "moeify.train.command:TrainCommand",
-         "moeify.train.command:run_train", ("model",), MODEL_ALIAS, recipe="train"),
+         "moeify.train.command:run_train", ("model",), MODEL_ALIAS, recipe="train", output="out"),
 ]
 
 
@@ -180,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             config = from_flat(schema, _values(args, verb, schema), COMMAND_LINE)
         except MoeifyError as error:  # a bad flag or recipe value: alike on every rank of a node
             raise same_on_every_local_rank(error)
-        text = _load(verb.run)(config)
+        with also_reading([getattr(args, "recipe", None)]):  # an output must not hold the recipe either
+            text = _load(verb.run)(config)
         if text:
             print(text)
     except MoeifyError as error:

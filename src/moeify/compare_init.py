@@ -21,6 +21,7 @@ from moeify.checkpoint.resolve import resolve_model
 from moeify.construct import ConstructionConfig, get_method
 from moeify.construct.carve import activation_ratio, shape_at_ratio
 from moeify.construct.methods import GranularUpcycle, Upcycle
+from moeify.construct.options import share_settings
 from moeify.data.embedded import pydoc_topics
 from moeify.data.text import load_tokenizer, tokenize_joined
 from moeify.errors import MoeifyError
@@ -28,7 +29,7 @@ from moeify.evaluate.params import parameter_counts
 from moeify.evaluate.plots import bar_chart
 from moeify.evaluate.scoring import blocks_of, score_blocks
 from moeify.modeling.load import load_moe_model
-from moeify.schema import at_least, replace_flat
+from moeify.schema import at_least, given_names, replace_flat
 
 CARVE_RECOVERY = "carve+recovery"  # carve, then the router-only recovery stage
 
@@ -69,13 +70,18 @@ def arms(config: CompareInitConfig, base: ConstructionConfig, ffn_size: int) -> 
     """Label -> construction of every compared MoE."""
     ratio = base.carve.activation_ratio
     default = RATIO_METHODS if ratio is not None else DEFAULT_METHODS
-    names = [m.strip() for m in config.methods.split(",") if m.strip()] if config.methods else list(default)
+    names = [m.strip() for m in config.methods.split(",") if m.strip()] if config.methods is not None else list(default)
+    if not names:
+        raise MoeifyError(f"--methods {config.methods!r} names no method; give a comma-separated list such as upcycle,carve "
+                          "(`moeify inspect MODEL` lists them) or leave it out for the default set")
+    if len(set(names)) != len(names):
+        raise MoeifyError(f"--methods {config.methods!r} names a method twice; give each once")
     for name in names:
         method = get_method("carve" if name == CARVE_RECOVERY else name)
         if ratio is not None and isinstance(method, (Upcycle, GranularUpcycle)):
             raise MoeifyError(f"--method {name} copies the FFN into experts (activation 100% x k), so it has no place at "
                               f"--activation-ratio {ratio:g}; drop it from --methods")
-    out: dict[str, ConstructionConfig] = {}
+    out: dict[str, tuple[ConstructionConfig, set[str]]] = {}
     for name in names:
         method = "carve" if name == CARVE_RECOVERY else name
         settings: dict = {"method": method}
@@ -84,8 +90,9 @@ def arms(config: CompareInitConfig, base: ConstructionConfig, ffn_size: int) -> 
         if ratio is not None:
             shape = shape_at_ratio(ffn_size, ratio, config.blocks, method in SHARED_METHODS)
             settings.update(num_experts=shape.num_experts, top_k=shape.top_k, shared_size=shape.shared_size, activation_ratio=None)
-        out[name] = replace_flat(base, **settings)
-    return out
+        out[name] = (replace_flat(base, **settings), set())  # the settings above are compare-init's, not the user's
+    # Each method counts as given the flags it reads; --activation-ratio is compare-init's own.
+    return share_settings(out, set(given_names(config.construction)) - {"activation_ratio"}, "the compared methods")
 
 
 def compare_init(config: CompareInitConfig, progress: bool = True) -> list[dict]:
@@ -101,7 +108,7 @@ def compare_init(config: CompareInitConfig, progress: bool = True) -> list[dict]
     except ValueError as error:
         raise MoeifyError(f"held-out text too short: {error}; lower --block-size") from None
     rows: list[dict] = []
-    with atomic_directory(config.out, config.force) as tmp:
+    with atomic_directory(config.out, config.force, [config.model, dense_dir, *base.read_paths()], "compare-init") as tmp:
         for index, name in enumerate(["dense", *constructions]):
             if progress:
                 print(f"[compare-init] {name}", file=sys.stderr, flush=True)

@@ -17,9 +17,10 @@ from typing import ClassVar
 import torch
 
 from moeify.build import BuildConfig, build
-from moeify.checkpoint.atomic import check_output_dir
+from moeify.checkpoint.atomic import claim_directory, safe_name
 from moeify.checkpoint.resolve import resolve_model
 from moeify.construct import ConstructionConfig
+from moeify.construct.options import share_settings
 from moeify.data.packed import PackedDataset
 from moeify.data.prepare import PrepareConfig, prepare
 from moeify.errors import MoeifyError
@@ -70,10 +71,15 @@ def load_experiment(spec: str) -> dict:
     for arm in document["arms"]:
         if not isinstance(arm, dict) or "name" not in arm:
             raise MoeifyError(f"{path}: every arm is a mapping with a name")
+        safe_name(str(arm["name"]), f"{path}: the arm name")
         where = f"{path}, arm {arm['name']!r}"
         _refuse_unknown(set(arm) - ARM_KEYS, ARM_KEYS, where)
         _refuse_unknown(set(arm.get("build") or {}) - BUILD_KEYS, BUILD_KEYS, f"{where} (build:)")
         _refuse_unknown(set(arm.get("train") or {}) - TRAIN_KEYS, TRAIN_KEYS, f"{where} (train:)")
+    names = [arm["name"] for arm in document["arms"]]
+    if len(set(names)) != len(names):
+        raise MoeifyError(f"{path}: arm names repeat ({', '.join(sorted({n for n in names if names.count(n) > 1}))}); each arm "
+                          "writes to arms/NAME, so give each a name of its own")
     return document
 
 
@@ -95,10 +101,9 @@ def _log(message: str) -> None:
 def run_experiment(config: ExperimentConfig) -> dict:
     document = load_experiment(config.spec)
     model = config.model or document["model"]
-    check_output_dir(config.out, config.force)
-    if config.out.exists():
-        shutil.rmtree(config.out)
-    config.out.mkdir(parents=True)
+    constructions = _constructions(document)
+    dense_dir = resolve_model(model)
+    claim_directory(config.out, config.force, [model, dense_dir, config.data, config.spec], "experiment")
     shared_train = dict(document.get("train", {}))
     if config.max_tokens is not None:
         shared_train["max_tokens"] = config.max_tokens
@@ -108,7 +113,6 @@ def run_experiment(config: ExperimentConfig) -> dict:
     else:
         seq_len = shared_train.get("seq_len", TrainConfig.seq_len)
         data = prepare(PrepareConfig(model, seq_len=seq_len), progress=False)
-    dense_dir = resolve_model(model)
     probe = data.blocks(data.domains[0], "val", 2).long()  # held-out blocks for |Δlogit| at construction
     dense_logits = _logits(dense_dir, probe)
     arms = []
@@ -117,10 +121,8 @@ def run_experiment(config: ExperimentConfig) -> dict:
         _log(f"arm {name}")
         arm_dir = config.out / "arms" / name
         start = dense_dir
-        if arm.get("build") is not None:
-            settings = {**document.get("build", {}), **arm["build"]}
-            construction = from_flat(ConstructionConfig, settings, f"experiment {name!r} (build:)")
-            start = build(BuildConfig(model, arm_dir / "init", construction), progress=False)
+        if name in constructions:
+            start = build(BuildConfig(model, arm_dir / "init", constructions[name]), progress=False)
         record = {"name": name, "build": arm.get("build"), "init_max_abs_logit_diff": (_logits(start, probe) - dense_logits).abs().max().item()}
         if arm.get("train") is not None:
             train_settings = {**shared_train, **arm["train"], "model": str(start), "data": str(data.path), "out": str(arm_dir / "run")}
@@ -144,6 +146,14 @@ def run_experiment(config: ExperimentConfig) -> dict:
         for sub in ("init", "run/model", "run/checkpoints"):
             shutil.rmtree(config.out / "arms" / arm["name"] / sub, ignore_errors=True)
     return result
+
+
+def _constructions(document: dict) -> dict[str, ConstructionConfig]:
+    """Arm name -> its construction: the build: section under the arm's own build: (arms with one)."""
+    shared = document.get("build") or {}
+    arms = {arm["name"]: (from_flat(ConstructionConfig, {**shared, **arm["build"]}, f"experiment {arm['name']!r} (build:)"), set(arm["build"]))
+            for arm in document["arms"] if arm.get("build") is not None}
+    return share_settings(arms, set(shared), "the arms") if arms else {}
 
 
 @torch.no_grad()

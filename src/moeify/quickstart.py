@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moeify.build import BuildConfig, build
+from moeify.checkpoint.atomic import check_output
 from moeify.checkpoint.dense import DenseCheckpoint
 from moeify.checkpoint.resolve import DEFAULT_MODEL, cache_dir, resolve_model
 from moeify.construct import ConstructionConfig
@@ -116,6 +117,8 @@ def quickstart(config: QuickstartConfig) -> list[Row]:
     )
     if config.train_tokens > 0:
         builds[f"{split_name} + CPT {config.train_tokens // 1000}k tok"] = "train"
+    for folder in ("upcycle", "carve", "random-split", "random-split-cpt"):  # replaced when moeify's, never the user's
+        check_output(config.work_dir / folder, True, [config.model, dense_dir], "--work-dir")
     rows, dense_logits = [], None
     for name, target in builds.items():
         start = time.perf_counter()

@@ -6,10 +6,12 @@ names. Types (int, float, bool, str, Path, Optional, Literal) are checked here, 
 """
 
 import ast
+import copy
 import dataclasses
 import difflib
 import functools
 import inspect
+import math
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -133,6 +135,24 @@ def is_given(config: Any, name: str, default: Any = dataclasses.MISSING) -> bool
     return default is not dataclasses.MISSING and to_flat(config).get(name) != default
 
 
+def given_names(config: Any) -> frozenset[str]:
+    """The leaves the user set (see is_given)."""
+    given = getattr(config, "_given", None)
+    if given is not None:
+        return given
+    flat = to_flat(config)
+    as_flat = lambda value: str(value) if isinstance(value, Path) else value  # noqa: E731 (to_flat's form)
+    return frozenset(leaf.name for leaf in leaves(type(config))
+                     if leaf.default is dataclasses.MISSING or flat[leaf.name] != as_flat(leaf.default))
+
+
+def with_given(config: Any, names: set[str] | frozenset[str]):
+    """`config` (a shallow copy) recording `names` as the leaves the user set."""
+    copied = copy.copy(config)
+    object.__setattr__(copied, "_given", frozenset(names))
+    return copied
+
+
 def check_values(schema: type, values: dict[str, Any], where: str) -> dict[str, Any]:
     """`values` (all or part of the settings) in their leaves' types; unknown keys, wrong types or
     ranges refused in one line."""
@@ -180,8 +200,10 @@ def to_flat(config: Any) -> dict[str, Any]:
 
 
 def replace_flat(config: Any, **values: Any):
-    """A copy of `config` with the given leaf values replaced (types checked)."""
-    return from_flat(type(config), {**{k: v for k, v in to_flat(config).items() if k in leaf_names(type(config))}, **values})
+    """A copy of `config` with the given leaf values replaced (types checked); the leaves counted as given
+    are those of `config` and the replaced ones."""
+    replaced = from_flat(type(config), {**{k: v for k, v in to_flat(config).items() if k in leaf_names(type(config))}, **values})
+    return with_given(replaced, given_names(config) | set(values))
 
 
 def _choices(kind: Any) -> tuple | None:
@@ -221,6 +243,8 @@ def coerce(leaf: Leaf, value: Any, where: str) -> Any:
     elif kind in (int, float):
         if isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or isinstance(value, int)):
             value = kind(value)
+            if not math.isfinite(value):
+                raise MoeifyError(f"{_key(leaf, where)} is {value!r}; it must be a finite number")
             if leaf.range is not None and not leaf.range(value):
                 raise MoeifyError(f"{_key(leaf, where)} is {value!r}; it must be {leaf.range.describe()}")
             return value

@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moeify.checkpoint.atomic import atomic_file, check_output
 from moeify.checkpoint.dense import DenseCheckpoint
 from moeify.checkpoint.resolve import resolve_model
 from moeify.construct import ConstructionConfig, ConstructionPlan, Partition
@@ -16,6 +17,8 @@ class SplitConfig:
     out: Path
     """Partition file to write (.safetensors)."""
     construction: ConstructionConfig = field(default_factory=ConstructionConfig)
+    force: bool = False
+    """Replace --out if it is a partition file."""
 
 
 def split(config: SplitConfig, progress: bool = True) -> Partition:
@@ -24,9 +27,13 @@ def split(config: SplitConfig, progress: bool = True) -> Partition:
         raise MoeifyError(f"--out {out} is a directory; give a file name such as {out / 'partition.safetensors'}")
     if config.construction.partition is not None:
         raise MoeifyError("--partition is the input of build; split makes a partition from --method and its options")
+    reads = [Path(config.model), *config.construction.read_paths()]
+    check_output(out, config.force, reads, ours=Partition.is_partition_file)
     dense = DenseCheckpoint(resolve_model(config.model))
+    reads.append(dense.path)
     partition = ConstructionPlan.make(dense, config.construction, config.model, progress).make_partition(dense)
-    partition.save(out)
+    with atomic_file(out, config.force, reads, Partition.is_partition_file) as tmp:
+        partition.save(tmp)
     return partition
 
 

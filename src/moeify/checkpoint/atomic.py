@@ -1,38 +1,175 @@
-"""Outputs appear whole or not at all: written to a hidden sibling directory, renamed at the end."""
+"""The one output rule of every verb that writes, and outputs that appear whole or not at all.
 
+- An output is never an input of its command, never inside one and never holds one, with or without
+  --force (`build M --out M`, `export X --out PARENT_OF_X` and `data prepare --source web=S --out S`
+  are refused before any work).
+- An existing non-empty output is replaced only with --force, and only if moeify wrote it: a directory
+  holding moeify's marker file (or, from before the marker, an MoE manifest or a training run's first
+  files), a file that the verb recognises as its own. Anything else is the user's and is never deleted.
+- Directories are written into a hidden sibling and renamed when complete; files likewise.
+- Names that become path components (domains, experiment arms) are single plain components.
+"""
+
+import contextvars
+import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import moeify
 from moeify.errors import MoeifyError
 
+MARKER = ".moeify-output"
+"""Written into every directory moeify creates as an output; --force replaces only such directories."""
+_LEGACY_MANIFEST = "moeify.json"  # MoE directories written before the marker existed
 
-def check_output_dir(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise MoeifyError(f"--out {out} is a file; give a directory path")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise MoeifyError(f"--out {out} exists and is not empty; choose another path or pass --force to replace it")
+_READ_BY_CALLER: contextvars.ContextVar[tuple[Path, ...]] = contextvars.ContextVar("read_by_caller", default=())
 
 
 @contextmanager
-def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that replaces `out` only if the block finishes without error."""
-    check_output_dir(out, force)
+def also_reading(paths: Iterable[Path | str | None]) -> Iterator[None]:
+    """Inputs read before the verb's function runs (the CLI's --recipe): every output rule checked
+    inside the block counts them as inputs too."""
+    token = _READ_BY_CALLER.set((*_READ_BY_CALLER.get(), *(Path(p) for p in paths if p is not None)))
+    try:
+        yield
+    finally:
+        _READ_BY_CALLER.reset(token)
+
+
+def written_by_moeify(directory: Path) -> bool:
+    return (directory / MARKER).is_file() or (directory / _LEGACY_MANIFEST).is_file() or _legacy_training_run(directory)
+
+
+def _legacy_training_run(directory: Path) -> bool:
+    """A `moeify train` run directory from before the marker: its config.yaml and first metrics record."""
+    try:
+        with open(directory / "config.yaml") as config, open(directory / "metrics.jsonl") as metrics:
+            return config.readline() == "train:\n" and metrics.readline().startswith('{"step": 0, "tokens": 0, "domain_weights": ')
+    except OSError:
+        return False
+
+
+def _absolute(path: Path | str) -> Path:
+    return Path(os.path.abspath(Path(path).expanduser()))
+
+
+def _real(path: Path | str) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def check_not_an_input(out: Path, reads: Iterable[Path | str | None], flag: str = "--out") -> None:
+    """Refuse an output that is, holds or lies inside any input (symbolic links followed). Inputs that do
+    not exist (an embedded model's name) are skipped: nothing there can be lost."""
+    target = {_absolute(out), _real(out)}
+    for source in [*reads, *_READ_BY_CALLER.get()]:
+        if source is None or not Path(source).expanduser().exists():
+            continue
+        for read in {_absolute(source), _real(source)}:
+            for written in target:
+                relation = ("is" if written == read else "holds" if written in read.parents
+                            else "lies inside" if read in written.parents else None)
+                if relation:
+                    raise MoeifyError(f"{flag} {out} {relation} the input {source}; write the output outside the command's "
+                                      "inputs (nothing was written)")
+
+
+def check_output(out: Path, force: bool, reads: Iterable[Path | str | None] = (), flag: str = "--out",
+                 ours: Callable[[Path], bool] | None = None) -> None:
+    """The output rule, checked before any work: see the module docstring. `ours(path)` tells whether an
+    existing output is moeify's (default: a directory with the marker or manifest)."""
+    check_not_an_input(out, reads, flag)
+    is_file_output = ours is not None
+    if out.exists() and not out.is_dir() and not is_file_output:
+        raise MoeifyError(f"{flag} {out} is a file; give a directory path")
+    if is_file_output and out.is_dir():
+        raise MoeifyError(f"{flag} {out} is a directory; give a file path")
+    occupied = out.is_file() if is_file_output else out.is_dir() and any(out.iterdir())
+    if not occupied:
+        return
+    mine = ours(out) if is_file_output else written_by_moeify(out)
+    if not mine:
+        what = "exists and is not a file" if is_file_output else "is not empty and not a directory"
+        raise MoeifyError(f"{flag} {out} {what} moeify wrote; choose another path (--force replaces only moeify's own "
+                          "outputs, never anything else)")
+    if not force:
+        raise MoeifyError(f"{flag} {out} exists; choose another path or pass --force to replace it")
+
+
+def write_marker(directory: Path, verb: str) -> None:
+    (directory / MARKER).write_text(json.dumps({"written_by": f"moeify {moeify.__version__}", "verb": verb}) + "\n")
+
+
+def safe_name(name: str, what: str) -> str:
+    """`name` if it can be a single file or folder name: no separators, not `.`/`..`, no leading dot."""
+    if not name or name in (".", "..") or name.startswith(".") or any(c in name for c in "/\\\0") or not name.isprintable():
+        raise MoeifyError(f"{what} {name!r} cannot name a file: use letters, digits, '-', '_' or '.', with no '/' and not "
+                          "starting with '.'")
+    return name
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+    else:
+        tmp.rename(out)
+
+
+@contextmanager
+def atomic_directory(out: Path, force: bool = False, reads: Iterable[Path | str | None] = (), verb: str = "",
+                     flag: str = "--out", cache: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that replaces `out` only if the block finishes without error.
+    `cache`: `out` is a path inside moeify's cache, replaced whatever it holds."""
+    out = Path(out)
+    if not cache:
+        check_output(out, force, reads, flag)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
+        write_marker(tmp, verb)
+        if not cache:
+            check_output(out, force, reads, flag)  # again: it may have been made meanwhile
+        _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
+
+
+@contextmanager
+def atomic_file(out: Path, force: bool, reads: Iterable[Path | str | None], ours: Callable[[Path], bool],
+                flag: str = "--out") -> Iterator[Path]:
+    """Yield a temporary file path that replaces `out` (under the output rule) only if the block finishes."""
+    out = Path(out)
+    check_output(out, force, reads, flag, ours)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        yield tmp
+        check_output(out, force, reads, flag, ours)
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def claim_directory(out: Path, force: bool, reads: Iterable[Path | str | None], verb: str | None, flag: str = "--out") -> None:
+    """A run directory written over time (training, experiments): the output rule, the old one removed
+    (--force, moeify's only), then created, with the marker unless `verb` is None (the caller writes it
+    with the first file of the run)."""
+    check_output(out, force, reads, flag)
+    if out.is_dir() and any(out.iterdir()):
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if verb is not None:
+        write_marker(out, verb)

@@ -37,6 +37,7 @@ class DenseCheckpoint:
         for file in self.files():
             self._open(file)  # every weight file present with a readable header, before any work starts
         self._check_gated_mlp()
+        self._check_shapes()
 
     def _tensor_files(self) -> dict[str, Path]:
         index = self.path / INDEX_FILE
@@ -64,6 +65,25 @@ class DenseCheckpoint:
             raise MoeifyError(f"{self.path}: MLP activation {activation!r} is not SiLU; moeify needs a SwiGLU MLP")
         if getattr(self.config, "mlp_bias", False):
             raise MoeifyError(f"{self.path}: the MLP has biases (mlp_bias=true), which no stock MoE format holds")
+
+    def _check_shapes(self) -> None:
+        """The weights have the sizes config.json gives (a wrong intermediate_size would otherwise give wrong experts)."""
+        D, F, L = self.hidden_size, self.ffn_size, self.num_layers
+        wanted = {"model.embed_tokens.weight": (int(self.config.vocab_size), D)}
+        for layer in range(L):
+            prefix = f"model.layers.{layer}.mlp"
+            wanted |= {f"{prefix}.gate_proj.weight": (F, D), f"{prefix}.up_proj.weight": (F, D), f"{prefix}.down_proj.weight": (D, F)}
+        fix = "fix config.json or re-download the model"
+        for name, shape in wanted.items():
+            if name not in self._file_of:
+                raise MoeifyError(f"the dense checkpoint {self.path} lacks {name} (config.json gives {L} layers); it is incomplete: "
+                                  f"re-download or re-convert it, or fix config.json")
+            found = self.shape(name)
+            if found != shape:
+                raise MoeifyError(f"{self.path}: {name} is {list(found)}, but config.json (hidden_size {D}, intermediate_size {F}, "
+                                  f"vocab_size {self.config.vocab_size}) implies {list(shape)}; {fix}")
+        if f"model.layers.{L}.mlp.gate_proj.weight" in self._file_of:
+            raise MoeifyError(f"{self.path} holds more layers than config.json's num_hidden_layers {L}; {fix}")
 
     def _open(self, file: Path):
         """A fresh handle per read: the file is memory-mapped only while one tensor is copied out, so

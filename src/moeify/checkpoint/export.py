@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 from transformers import AutoModelForCausalLM
 
+from moeify.checkpoint.atomic import check_output
 from moeify.checkpoint.formats import format_of_model_type
 from moeify.checkpoint.formats.base import print_engine_limits
 from moeify.checkpoint.manifest import Manifest
@@ -43,6 +44,7 @@ def run_export(config: ExportConfig) -> str:
 def export_model(source: Path, out: Path, force: bool = False, dtype: str = "auto", layout: str = "auto") -> tuple[Path, float]:
     """The exported directory and the max |logit difference| between it (stock) and moeify's model
     (with its weights rounded to the output dtype, so the check stays exact for bf16 and fp16)."""
+    check_output(out, force, [source])
     manifest = Manifest.read(source)
     if manifest is not None and manifest.gate != "linear":
         raise MoeifyError(
@@ -72,7 +74,7 @@ def export_model(source: Path, out: Path, force: bool = False, dtype: str = "aut
 
     items = cast_floating(sorted(tensors.items()), DTYPES.get(dtype), fmt.keeps_fp32)
     write_checkpoint(out, items, config, source, manifest.replace(format=fmt.name, exported_from=str(source), layout=layout),
-                     force, check=check)
+                     force, check=check, reads=[source], verb="export")
     print_engine_limits(fmt, config, layout)
     return out, difference["max"]
 

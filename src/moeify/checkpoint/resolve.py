@@ -109,7 +109,7 @@ def convert_gguf(gguf: Path, out: Path | None = None) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with atomic_directory(out, force=True) as tmp:
+    with atomic_directory(out, cache=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out

@@ -13,6 +13,7 @@ from transformers import PretrainedConfig
 
 from moeify.checkpoint.atomic import atomic_directory
 from moeify.checkpoint.manifest import Manifest
+from moeify.errors import MoeifyError
 
 DEFAULT_SHARD_BYTES = 1 << 30
 _DTYPE_NAMES = {
@@ -49,6 +50,7 @@ class ShardedWriter:
         self._pending_bytes = 0
         self._shard_keys: list[list[str]] = []
         self.total_bytes = 0
+        self.shapes: dict[str, tuple[int, ...]] = {}
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         assert name not in self._pending, f"tensor {name} written twice"
@@ -57,6 +59,7 @@ class ShardedWriter:
             self._flush()
         self._pending[name] = tensor
         self._pending_bytes += size
+        self.shapes[name] = tuple(tensor.shape)
         self.total_bytes += size
 
     def _flush(self) -> None:
@@ -104,16 +107,17 @@ CARRIED_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|chat_templat
 
 def write_checkpoint(out: Path, tensors: Iterable[tuple[str, torch.Tensor]], config: PretrainedConfig, carried_from: Path,
                      manifest: Manifest | None, force: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                     check: Callable[[Path], None] | None = None) -> Path:
+                     check: Callable[[Path], None] | None = None, reads: Iterable[Path] = (), verb: str = "") -> Path:
     """The one way a model directory is written (build, export, the end of training): safetensors
     shards (+ index), config.json, the tokenizer and generation files of `carried_from`, moeify.json
-    (MoE models).
+    (MoE models). The tensors must be exactly those `config` implies, in their shapes.
     Written into a temporary sibling and renamed only when complete; `check(tmp)` may refuse it first."""
-    with atomic_directory(out, force) as tmp:
+    with atomic_directory(out, force, reads, verb) as tmp:
         writer = ShardedWriter(tmp, max_shard_bytes)
         for name, tensor in tensors:
             writer.add(name, tensor)
         writer.close()
+        check_tensor_set(writer.shapes, config, manifest)
         config.save_pretrained(tmp)
         for file in sorted(Path(carried_from).iterdir()):
             if file.is_file() and CARRIED_FILES.match(file.name):
@@ -123,3 +127,21 @@ def write_checkpoint(out: Path, tensors: Iterable[tuple[str, torch.Tensor]], con
         if check is not None:
             check(tmp)
     return out
+
+
+def check_tensor_set(written: dict[str, tuple[int, ...]], config: PretrainedConfig, manifest: Manifest | None) -> None:
+    """Refuse a checkpoint whose tensors are not the ones its config implies (a missing expert would be
+    filled with random values by a stock load, silently)."""
+    from moeify.modeling.hf import expected_disk_shapes
+
+    shared = manifest is not None and manifest.shared_size > 0
+    expected = expected_disk_shapes(config, manifest.gate if manifest else "linear", manifest.layout if manifest else None, shared)
+    missing = sorted(set(expected) - set(written))
+    extra = sorted(set(written) - set(expected))
+    wrong = sorted(n for n in set(expected) & set(written) if expected[n] != written[n])
+    problems = [f"{len(missing)} missing ({missing[0]}, ...)" if missing else "",
+                f"{len(extra)} not in the config ({extra[0]}, ...)" if extra else "",
+                f"{len(wrong)} of another shape ({wrong[0]}: {list(written[wrong[0]])}, the config: {list(expected[wrong[0]])})" if wrong else ""]
+    if any(problems):
+        raise MoeifyError(f"the {config.model_type} checkpoint's tensors do not match its config: {'; '.join(p for p in problems if p)}; "
+                          "nothing written (this is a bug in moeify: please report it with the command)")

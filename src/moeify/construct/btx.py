@@ -29,6 +29,7 @@ EMBEDDINGS = "model.embed_tokens.weight"
 class BranchTrainMix(Upcycle):
     name = "btx"
     description = "experts from several dense fine-tunes of one base, --expert-model repeated (Branch-Train-MiX)"
+    options = Upcycle.options | {"expert_model", "merge_others", "min_base_similarity"}
 
     def check(self, ffn_size: int, options: ConstructionConfig) -> None:
         count = len(options.merge.expert_model)

@@ -28,7 +28,11 @@ from moeify.checkpoint.dense import DenseCheckpoint
 from moeify.construct import calibration as calib
 from moeify.construct.config import ConstructionConfig, method_options
 from moeify.construct.kmeans import balanced_kmeans
-from moeify.construct.methods import ConstructionMethod, check_equal_split
+from moeify.construct.methods import (
+    CALIBRATION_OPTIONS,
+    ConstructionMethod,
+    check_equal_split,
+)
 from moeify.construct.partition import Partition, model_fingerprint
 from moeify.construct.seeding import PARTITION_STREAM, layer_generator
 from moeify.errors import MoeifyError
@@ -328,6 +332,8 @@ class Carve(ConstructionMethod):
     description = ("training-free carving from calibration activations: shared block by contribution, experts by balanced "
                    "k-means of activation patterns, least-squares router and expert scales (CMoE and beyond)")
     needs_calibration = True
+    options = CALIBRATION_OPTIONS | {"shared_size", "activation_ratio", "shared_by", "pattern_dims", "router_ridge", "expert_scales",
+                                     "balance_bias", "recovery_steps", "recovery_lr"}
     layerwise = False
     scale_from_options = True
     router_inits = ("fitted", "normal")

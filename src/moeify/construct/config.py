@@ -5,9 +5,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
+from moeify.data.sources import source_paths
 from moeify.errors import MoeifyError
 from moeify.modeling.router import RouterSpec
-from moeify.schema import Range, at_least, fraction, is_given, positive, replace_flat, to_flat
+from moeify.schema import (
+    Range,
+    at_least,
+    fraction,
+    is_given,
+    positive,
+    replace_flat,
+    to_flat,
+)
 
 RouterInit = Literal["auto", "normal", "virtual-group", "centroids", "fitted", "prompts", "calibration"]
 
@@ -172,6 +181,13 @@ class ConstructionConfig:
     @property
     def top_k(self) -> int:
         return self.router.top_k
+
+    def read_paths(self) -> list[Path]:
+        """The files and folders a construction reads besides the dense model (outputs must stay clear of them)."""
+        paths = [self.partition, self.router.expert_prompts, *map(Path, self.merge.expert_model)]
+        if self.data.calibration not in (None, "embedded"):
+            paths += source_paths(self.data.calibration.split(","))
+        return [path for path in paths if path is not None]
 
     def check_routing(self) -> None:
         """What RANGES cannot say alone: k at most E (the ranges themselves are checked by schema.validate)."""

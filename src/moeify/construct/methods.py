@@ -14,10 +14,14 @@ from moeify.construct.seeding import PARTITION_STREAM, expert_generator, layer_g
 from moeify.errors import MoeifyError
 from moeify.modeling.router import RouterSpec
 
+CALIBRATION_OPTIONS = frozenset({"calibration", "calibration_tokens", "calibration_seq_len"})
+UPCYCLE_OPTIONS = frozenset({"weight_scaling"})
+
 
 class ConstructionMethod:
     name: str = ""
     description: str = ""
+    options: frozenset[str] = frozenset()  # the method's own settings it reads (given ones it does not read are refused)
     needs_calibration: bool = False
     layerwise: bool = True  # computes each layer alone, from the options only
     scale_from_options: bool = False  # the default scale of a saved partition is the method's rule, not its sizes
@@ -81,6 +85,7 @@ def megatron_activation_scale(num_experts: int, granularity: int, top_k: int, ro
 class Upcycle(ConstructionMethod):
     name = "upcycle"
     description = "copy the whole FFN into every expert (Llama 3 Meets MoE)"
+    options = UPCYCLE_OPTIONS
 
     def check(self, ffn_size: int, options: ConstructionConfig) -> None:
         pass
@@ -102,6 +107,7 @@ class Upcycle(ConstructionMethod):
 class DropUpcycle(Upcycle):
     name = "drop-upcycle"
     description = "upcycle, then re-initialise a fraction r of each expert's neurons (Drop-Upcycling)"
+    options = UPCYCLE_OPTIONS | {"drop_ratio", "drop_indices", "drop_stats"}
 
     def check(self, ffn_size: int, options: ConstructionConfig) -> None:
         if not 0 <= options.upcycle.drop_ratio <= 1:
@@ -136,6 +142,7 @@ class DropUpcycle(Upcycle):
 class NoiseUpcycle(Upcycle):
     name = "noise-upcycle"
     description = "upcycle, then add Gaussian noise to every copy (sigma x each matrix's std, or the authors' absolute N(0, sigma) on a fraction of neurons)"
+    options = UPCYCLE_OPTIONS | {"noise_std", "noise_relative", "noise_fraction"}
 
     def check(self, ffn_size: int, options: ConstructionConfig) -> None:
         if options.upcycle.noise_std < 0:
@@ -167,6 +174,7 @@ class NoiseUpcycle(Upcycle):
 class GranularUpcycle(ConstructionMethod):
     name = "granular-upcycle"
     description = "copies of the FFN cut into G slices each; virtual-group router init (He et al. 2024)"
+    options = UPCYCLE_OPTIONS | {"granularity"}
 
     def check(self, ffn_size: int, options: ConstructionConfig) -> None:
         G, E = options.upcycle.granularity, options.num_experts
@@ -206,6 +214,7 @@ class GranularUpcycle(ConstructionMethod):
 class RandomSplit(ConstructionMethod):
     name = "random-split"
     description = "seeded equal partition of the FFN neurons (LLaMA-MoE Independent-Random)"
+    options = frozenset({"shared_size"})
 
     def shared_size(self, ffn_size: int, options: ConstructionConfig) -> int:
         return options.split.shared_size or 0

@@ -64,14 +64,17 @@ class Partition:
                   "shared_size": self.shared_size, "model": self.model, "options": self.options, "stats": self.stats}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            write_safetensors(tmp, tensors, {"moeify": json.dumps(header, sort_keys=True)})
-            tmp.replace(path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_safetensors(path, tensors, {"moeify": json.dumps(header, sort_keys=True)})
         return path
+
+    @staticmethod
+    def is_partition_file(path: Path) -> bool:
+        """Whether `path` is a partition file moeify wrote (of any version)."""
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return json.loads((f.metadata() or {}).get("moeify", "{}")).get("format", "").startswith("moeify-partition/")
+        except (SafetensorError, OSError, json.JSONDecodeError, AttributeError):
+            return False
 
     @classmethod
     def load(cls, path: Path) -> "Partition":

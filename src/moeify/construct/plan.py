@@ -14,18 +14,25 @@ from moeify.checkpoint.dense import DenseCheckpoint
 from moeify.checkpoint.formats.base import MoEFeatures
 from moeify.checkpoint.manifest import Manifest
 from moeify.construct.btx import merged, open_expert_models, with_expert_count
-from moeify.construct.config import ConstructionConfig, method_options, partition_conflicts, with_method_options
+from moeify.construct.config import (
+    ConstructionConfig,
+    method_options,
+    partition_conflicts,
+    with_method_options,
+)
 from moeify.construct.methods import ConstructionMethod
+from moeify.construct.options import (
+    TEXT_ROUTER_INITS,
+    refuse_unread,
+    requested_router_init,
+)
 from moeify.construct.partition import Partition, model_fingerprint
 from moeify.construct.registry import get_method
 from moeify.construct.seeding import MLP_GATE_STREAM, ROUTER_STREAM, layer_generator
 from moeify.construct.text_router import text_router_rows
 from moeify.errors import MoeifyError
 from moeify.modeling.canonical import FFNWeights, LazyExperts, MoELayer
-from moeify.schema import validate
-
-
-TEXT_ROUTER_INITS = ("prompts", "calibration")  # every method may take its router from text
+from moeify.schema import given_names, validate
 
 
 @dataclass
@@ -45,6 +52,7 @@ class ConstructionPlan:
         """`compute_partition=False` refuses data-driven methods without a partition file (online upcycling:
         every rank would compute it)."""
         validate(config, "the construction settings")
+        given = given_names(config)
         config = with_expert_count(config)
         partition = None
         if config.partition is not None:
@@ -56,8 +64,10 @@ class ConstructionPlan:
                                   f"(the file decides them) or make another partition with `moeify split`")
             config = with_method_options(config, partition.options)
             method = get_method(partition.method)
+            refuse_unread(config, method, requested_router_init(config, method), given)
         else:
             method = get_method(config.method)
+            refuse_unread(config, method, requested_router_init(config, method), given)  # before any long computation
             method.check(dense.ffn_size, config)
             if not method.layerwise:
                 if not compute_partition:
@@ -77,8 +87,7 @@ class ConstructionPlan:
                                   f"granular-upcycle, drop-upcycle, noise-upcycle), not --method {method.name}; drop it")
             plan.scale = megatron if config.scale is None else config.scale
         plan.router_init = plan._resolve_router_init()
-        if config.merge.expert_model and method.name != "btx":
-            raise MoeifyError(f"--expert-model is read by --method btx, not {method.name}; add --method btx or drop --expert-model")
+        refuse_unread(config, method, plan.router_init, given)  # again with the router init resolved and checked
         if method.name == "btx":
             plan.expert_models = open_expert_models(dense, config)
         if plan.router_init in TEXT_ROUTER_INITS:

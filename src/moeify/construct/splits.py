@@ -13,7 +13,11 @@ from moeify.checkpoint.dense import DenseCheckpoint
 from moeify.construct import calibration as calib
 from moeify.construct.config import ConstructionConfig, method_options
 from moeify.construct.kmeans import balanced_kmeans
-from moeify.construct.methods import ConstructionMethod, check_equal_split
+from moeify.construct.methods import (
+    CALIBRATION_OPTIONS,
+    ConstructionMethod,
+    check_equal_split,
+)
 from moeify.construct.partition import Partition, model_fingerprint
 from moeify.errors import MoeifyError
 
@@ -53,6 +57,7 @@ def _layers(dense: DenseCheckpoint, label: str, progress: bool):
 class Clustering(_Split):
     name = "clustering"
     description = "balanced k-means on L2-normalised up_proj rows (LLaMA-MoE Independent-Clustering)"
+    options = frozenset({"cluster_on", "restarts"})
     router_inits = ("normal", "centroids")
 
     def check(self, ffn_size: int, options: ConstructionConfig) -> None:
@@ -111,6 +116,7 @@ class CoActivation(_Split):
     name = "co-activation"
     description = "METIS partition of the neuron co-activation graph, rebalanced (MoEfication)"
     needs_calibration = True
+    options = CALIBRATION_OPTIONS | {"graph_density"}
 
     def check(self, ffn_size: int, options: ConstructionConfig) -> None:
         super().check(ffn_size, options)
@@ -188,6 +194,7 @@ class _GradientSplit(_Split):
     Groups: the domains when there are exactly E of them, else a balanced k-means of the blocks."""
 
     needs_calibration = True
+    options = CALIBRATION_OPTIONS | {"importance_scores"}
 
     def make_partition(self, dense: DenseCheckpoint, options: ConstructionConfig, progress: bool = True) -> Partition:
         E = options.num_experts
@@ -209,6 +216,7 @@ class _GradientSplit(_Split):
 class SharingInner(_GradientSplit):
     name = "sharing-inner"
     description = "each expert takes its group's most important neurons; experts may overlap (LLaMA-MoE)"
+    options = _GradientSplit.options | {"expert_size"}
 
     def check(self, ffn_size: int, options: ConstructionConfig) -> None:
         ConstructionMethod.check(self, ffn_size, options)
@@ -227,6 +235,7 @@ class SharingInner(_GradientSplit):
 class SharingInter(_GradientSplit):
     name = "sharing-inter"
     description = "neurons important to most groups form an always-active shared expert; the rest are routed (LLaMA-MoE)"
+    options = _GradientSplit.options | {"expert_size", "shared_size", "shared_selection"}
 
     def shared_size(self, ffn_size: int, options: ConstructionConfig) -> int:
         return options.split.shared_size if options.split.shared_size is not None else ffn_size // (options.num_experts + 1)

@@ -10,12 +10,18 @@ from typing import ClassVar
 import numpy as np
 from tqdm import tqdm
 
-from moeify.checkpoint.atomic import atomic_directory
+from moeify.checkpoint.atomic import atomic_directory, check_output
 from moeify.checkpoint.resolve import DEFAULT_MODEL, cache_dir, resolve_model
 from moeify.data.embedded import embedded_corpus
 from moeify.data.packed import META, PackedDataset
 from moeify.data.sources import Source, read_documents
-from moeify.data.text import HELDOUT_EVERY, document_separator, load_tokenizer, split_heldout, tokenize_joined
+from moeify.data.text import (
+    HELDOUT_EVERY,
+    document_separator,
+    load_tokenizer,
+    split_heldout,
+    tokenize_joined,
+)
 from moeify.errors import MoeifyError
 from moeify.schema import at_least
 
@@ -36,6 +42,8 @@ class PrepareConfig:
     """Tokens per packed block."""
     embedded_chars: int = 2_000_000
     """Characters per domain of the embedded corpus."""
+    force: bool = False
+    """Replace --out if it holds data moeify prepared from other inputs."""
 
 
 def run_prepare(config: PrepareConfig) -> str:
@@ -70,6 +78,7 @@ def prepare(config: PrepareConfig, progress: bool = True) -> PackedDataset:
         raise MoeifyError(f"--seq-len must be at least 2, got {config.seq_len}")
     model_dir = resolve_model(config.model)
     sources = [Source.parse(spec) for spec in config.sources]
+    reads = [Path(config.model), model_dir, *(source.path for source in sources)]
     key = {
         "format": FORMAT_VERSION,
         "tokenizer": tokenizer_fingerprint(model_dir),
@@ -80,6 +89,8 @@ def prepare(config: PrepareConfig, progress: bool = True) -> PackedDataset:
     out = config.out or cache_dir() / "data" / fingerprint[:16]
     if (out / META).is_file() and json.loads((out / META).read_text()).get("fingerprint") == fingerprint:
         return PackedDataset(out)
+    if config.out is not None:
+        check_output(out, config.force, reads)  # before the work (atomic_directory checks again at the end)
 
     tokenizer = load_tokenizer(model_dir)
     eos = document_separator(tokenizer)
@@ -94,7 +105,7 @@ def prepare(config: PrepareConfig, progress: bool = True) -> PackedDataset:
     meta = {"fingerprint": fingerprint, "key": key, "seq_len": config.seq_len, "dtype": np.dtype(dtype).name,
             "tokenizer": {"model": str(model_dir), "fingerprint": key["tokenizer"], "vocab_size": len(tokenizer), "eos": eos},
             "domains": {}}
-    with atomic_directory(out, force=True) as tmp:
+    with atomic_directory(out, config.force, reads, "data prepare", cache=config.out is None) as tmp:
         for domain in tqdm(sorted(documents), desc="tokenise", unit="domain", disable=not progress, file=sys.stderr):
             docs = documents[domain]
             if not docs:

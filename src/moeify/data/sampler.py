@@ -43,7 +43,7 @@ def static_weights(spec: str, block_counts: dict[str, int]) -> dict[str, float]:
                 sep = ""
             if not sep:
                 raise MoeifyError(f"domain weights {spec!r}: expected uniform, proportional, {', '.join(PRESETS)} or a=0.5,b=0.5")
-        if set(raw) != set(domains) or min(raw.values()) < 0 or sum(raw.values()) <= 0:
+        if set(raw) != set(domains) or not all(math.isfinite(w) and w >= 0 for w in raw.values()) or sum(raw.values()) <= 0:
             raise MoeifyError(f"domain weights {spec!r} must give a non-negative weight to each of: {', '.join(domains)}")
     total = sum(raw.values())
     return {d: raw[d] / total for d in domains}

@@ -4,10 +4,11 @@ A source is given as DOMAIN=PATH; every document read from it belongs to that do
 """
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from moeify.checkpoint.atomic import safe_name
 from moeify.errors import MoeifyError
 
 TEXT_FIELD = "text"
@@ -23,7 +24,7 @@ class Source:
         domain, sep, path = spec.partition("=")
         if not sep or not domain or not path:
             raise MoeifyError(f"source {spec!r} is not DOMAIN=PATH; write e.g. --source code=./src")
-        source = cls(domain, Path(path).expanduser())
+        source = cls(safe_name(domain, f"source {spec!r}: the domain"), Path(path).expanduser())
         if not source.path.exists():
             raise MoeifyError(f"source {spec!r}: {source.path} does not exist")
         return source
@@ -32,6 +33,11 @@ class Source:
         if self.path.is_file():
             return [self.path]
         return sorted(p for p in self.path.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def source_paths(specs: Iterable[str]) -> list[Path]:
+    """The PATH of every DOMAIN=PATH spec (what a command reads; not checked here)."""
+    return [Path(spec.partition("=")[2].strip()).expanduser() for spec in specs if "=" in spec]
 
 
 def is_hf_dataset(path: Path) -> bool:

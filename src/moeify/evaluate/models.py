@@ -26,6 +26,17 @@ def check_model(spec: str) -> Path:
     return path
 
 
+def read_paths(spec: str) -> list[Path]:
+    """What loading `spec` reads: the model directory, and the .gguf file(s) it is converted from."""
+    path = Path(spec).expanduser()
+    reads = [check_model(spec)]
+    if path.is_file():
+        reads.append(path)
+    elif path.is_dir() and not (path / "config.json").exists():
+        reads += sorted(path.glob("*.gguf"))
+    return reads
+
+
 def load_for_eval(spec: str, device: torch.device | str = "cpu"):
     """(path, model, tokenizer, MoE blocks): the model in eval mode with moeify's blocks attached."""
     path = check_model(spec)

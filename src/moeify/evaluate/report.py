@@ -3,14 +3,17 @@
 import base64
 import html
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from moeify.checkpoint.atomic import atomic_file, check_output
 from moeify.errors import MoeifyError
 from moeify.evaluate.plots import expert_share_heatmaps, line_plot
 from moeify.evaluate.run import EVAL_JSON, format_report
 
 REPORT = "report.html"
+GENERATOR = '<meta name="generator" content="moeify report">'
 
 
 @dataclass
@@ -19,18 +22,38 @@ class ReportConfig:
     """A `moeify train` --out directory."""
     evals: list[Path] | None = None
     """Eval output folder(s) to include (default: the run's eval*/ folders)."""
+    out: Path | None = None
+    """The HTML file; default: RUN/report.html."""
+    force: bool = False
+    """Replace --out if it is a report moeify wrote."""
 
 
 def run_report(config: ReportConfig) -> str:
-    return f"wrote {build_report(config.run, config.evals)}"
+    return f"wrote {build_report(config.run, config.evals, config.out, config.force)}"
 
 
-def build_report(run_dir: Path, eval_dirs: list[Path] | None = None) -> Path:
+def is_report(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return GENERATOR.encode() in f.read(4096)
+
+
+def build_report(run_dir: Path, eval_dirs: list[Path] | None = None, out: Path | None = None, force: bool = False) -> Path:
     metrics_file = run_dir / "metrics.jsonl"
     if not metrics_file.is_file():
         raise MoeifyError(f"{run_dir} has no metrics.jsonl; point `moeify report` at a `moeify train` run directory")
+    for eval_dir in eval_dirs or []:
+        if not (eval_dir / EVAL_JSON).is_file():
+            raise MoeifyError(f"--eval {eval_dir} has no {EVAL_JSON}; give a folder `moeify eval --out` wrote")
+    out = out or run_dir / REPORT
+    reads = [metrics_file, run_dir / "config.yaml", *(eval_dirs or [])]
+    check_output(out, force, reads, ours=is_report)
     records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    figures = run_dir / "report-figures"
+    with tempfile.TemporaryDirectory() as figures, atomic_file(out, force, reads, is_report) as tmp:
+        tmp.write_text(_html(run_dir, records, _sections(run_dir, records, eval_dirs, Path(figures))))
+    return out
+
+
+def _sections(run_dir: Path, records: list[dict], eval_dirs: list[Path] | None, figures: Path) -> list[tuple[str, list[Path], str]]:
     sections: list[tuple[str, list[Path], str]] = []
     steps = [r for r in records if r.get("step", 0) > 0 and "loss" in r]
     if steps:
@@ -45,8 +68,10 @@ def build_report(run_dir: Path, eval_dirs: list[Path] | None = None) -> Path:
             plots.append(line_plot(held, "held-out loss per domain", "step", "loss (nats/token)", figures / "heldout.png"))
         sections.append(("Loss", plots, ""))
         weighted = [r for r in records if "domain_weights" in r]
-        weights = {d: ([r.get("step", 0) for r in weighted], [r["domain_weights"][d] for r in weighted]) for d in weighted[0]["domain_weights"]}
-        sections.append(("Domain weights", [line_plot(weights, "domain sampling weights", "step", "weight", figures / "weights.png")], ""))
+        if weighted:
+            weights = {d: ([r.get("step", 0) for r in weighted], [r["domain_weights"][d] for r in weighted])
+                       for d in weighted[0]["domain_weights"]}
+            sections.append(("Domain weights", [line_plot(weights, "domain sampling weights", "step", "weight", figures / "weights.png")], ""))
         if "expert_load" in steps[-1]:
             first, last = steps[0], steps[-1]
             loads = {f"step {first['step']}": first["expert_load"], f"step {last['step']}": last["expert_load"]}
@@ -60,9 +85,7 @@ def build_report(run_dir: Path, eval_dirs: list[Path] | None = None) -> Path:
             sections.append((f"Evaluation: {eval_dir.name}", sorted(eval_dir.glob("*.png")), format_report(report)))
     if not sections:
         raise MoeifyError(f"{run_dir}/metrics.jsonl has no training steps and there is no evaluation to report")
-    out = run_dir / REPORT
-    out.write_text(_html(run_dir, records, sections))
-    return out
+    return sections
 
 
 def _html(run_dir: Path, records: list[dict], sections: list[tuple[str, list[Path], str]]) -> str:
@@ -80,4 +103,4 @@ def _html(run_dir: Path, records: list[dict], sections: list[tuple[str, list[Pat
     if config:
         parts.append(f"<h2>Configuration</h2><pre>{html.escape(config)}</pre>")
     style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}img{max-width:100%;display:block;margin:1em 0}pre{background:#f4f4f4;padding:1em;overflow-x:auto}"
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>moeify report</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n"
+    return f"<!doctype html><html><head>{GENERATOR}<meta charset='utf-8'><title>moeify report</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n"

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from moeify.checkpoint.atomic import atomic_directory
-from moeify.evaluate.models import check_model, load_for_eval
+from moeify.checkpoint.atomic import atomic_directory, check_output
+from moeify.data.sources import source_paths
+from moeify.evaluate.models import load_for_eval, read_paths
 from moeify.evaluate.plots import expert_share_heatmaps
 from moeify.evaluate.routing import RoutingStats, top_expert_change
 from moeify.evaluate.scoring import score_documents
@@ -65,13 +66,13 @@ def label_of(spec: str, index: int) -> str:
 
 
 def evaluate(config: EvalConfig, progress: bool = True) -> dict:
-    for spec in config.models:
-        check_model(spec)
+    reads = [path for spec in config.models for path in read_paths(spec)] + source_paths(config.sources)
+    check_output(config.out, config.force, reads)
     documents = evaluation_documents(config.sources)
     report = {"settings": {"seq_len": config.seq_len, "max_tokens_per_domain": config.max_tokens,
                            "sources": config.sources or "embedded held-out"}, "models": []}
     top_experts: dict[str, dict[str, list]] = {}
-    with atomic_directory(config.out, config.force) as tmp:
+    with atomic_directory(config.out, config.force, reads, "eval") as tmp:
         for index, spec in enumerate(config.models):
             label = label_of(spec, index)
             if progress:

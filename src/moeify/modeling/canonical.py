@@ -42,6 +42,10 @@ class LazyExperts(Sequence):
     def __len__(self) -> int:
         return self._count
 
+    def __iter__(self) -> Iterator[FFNWeights]:
+        # Not Sequence's default, which stops quietly at the first IndexError, one raised by a bug in `make` too.
+        return (self._make(expert) for expert in range(self._count))
+
     def __getitem__(self, expert):
         if isinstance(expert, slice):
             return [self._make(e) for e in range(*expert.indices(self._count))]

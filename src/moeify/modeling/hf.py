@@ -6,6 +6,8 @@ and, where there is one, the shared expert. Its state-dict names are the canonic
 (modeling/canonical.py); the output format maps them to and from the stock model's names.
 """
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -120,6 +122,17 @@ def stock_state_dict(state: dict[str, torch.Tensor], config, layout: str | None 
         gate = "mlp" if C.ROUTER_MLP_OUT in canonical else "linear"
         out.update(fmt.disk_tensors(index, MoELayer.from_module_state(canonical), gate, layout))
     return out
+
+
+def expected_disk_shapes(config, gate: str = "linear", layout: str | None = None, shared: bool = False) -> dict[str, tuple[int, ...]]:
+    """On-disk key -> shape of every tensor a model of `config` holds (from the stock model built on the meta
+    device, so nothing is allocated)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=torch.float32)  # from_config sets config.dtype
+        attach_moe_blocks(model, gate=gate, shared=shared)
+    return {name: tuple(tensor.shape) for name, tensor in stock_state_dict(model.state_dict(), config, layout).items()}
 
 
 @torch.no_grad()

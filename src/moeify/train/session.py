@@ -3,13 +3,19 @@ the model (loaded, or built online), optimizer, schedule, sampler, resume state 
 
 import hashlib
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
+from moeify.checkpoint.atomic import (
+    check_not_an_input,
+    check_output,
+    claim_directory,
+    write_marker,
+    written_by_moeify,
+)
 from moeify.checkpoint.dense import DenseCheckpoint
 from moeify.checkpoint.manifest import Manifest
 from moeify.checkpoint.resolve import resolve_model
@@ -36,8 +42,20 @@ from moeify.train.distributed import (
 from moeify.train.heldout import heldout_losses
 from moeify.train.metrics import MetricsLogger, flops_per_token, peak_flops, peak_rss_mb
 from moeify.train.online import build_online
-from moeify.train.parallelize import Layout, check_experts, check_layout, local_bytes, wrap_model
-from moeify.train.setup import check_config, make_optimizer, make_scheduler, reference_losses, set_trainable
+from moeify.train.parallelize import (
+    Layout,
+    check_experts,
+    check_layout,
+    local_bytes,
+    wrap_model,
+)
+from moeify.train.setup import (
+    check_config,
+    make_optimizer,
+    make_scheduler,
+    reference_losses,
+    set_trainable,
+)
 
 
 @dataclass
@@ -75,7 +93,7 @@ def open_session(config: TrainConfig, construction: ConstructionConfig | None = 
     try:
         check_config(config, env)
         check_layout(layout)
-        _prepare_out_dir(out, config, env)
+        _prepare_out_dir(out, config, construction, env)
     except MoeifyError as error:  # from the flags and the node's files: alike on every rank of a node
         raise same_on_every_local_rank(error)
     model_dir = _on_main_first(env, lambda: resolve_model(config.from_dense or config.model))
@@ -147,6 +165,7 @@ def open_session(config: TrainConfig, construction: ConstructionConfig | None = 
         sampler.load_state_dict(state["sampler"])
     elif env.is_main:
         (out / "config.yaml").write_text(yaml.safe_dump({"train": asdict(config)}, sort_keys=False))
+        write_marker(out, "train")
 
     logger = MetricsLogger(out, env.is_main, append=config.resume)
     peak, peak_source = peak_flops(env.device, config.peak_tflops)
@@ -188,19 +207,22 @@ def _on_main_first(env: DistEnv, make):
     return value if env.is_main else make()
 
 
-def _prepare_out_dir(out: Path, config: TrainConfig, env: DistEnv) -> None:
+def _prepare_out_dir(out: Path, config: TrainConfig, construction: ConstructionConfig | None, env: DistEnv) -> None:
+    """The run directory under the output rule (checkpoint/atomic.py), checked on every rank, made by rank 0."""
+    reads = [config.from_dense or config.model, config.data, config.reference_model,
+             *(construction.read_paths() if construction is not None and config.from_dense else [])]
     if config.resume:
+        check_not_an_input(out, reads)
         if not complete_checkpoints(out):
             raise MoeifyError(f"--resume: {out} holds no complete checkpoint; start without --resume")
         return
-    if out.exists() and any(out.iterdir()):
-        if not config.force:
-            raise MoeifyError(f"--out {out} holds an earlier run; pass --resume to continue it or --force to start afresh")
-        if env.is_main:
-            shutil.rmtree(out)
+    check_not_an_input(out, reads)
+    if out.is_dir() and any(out.iterdir()) and written_by_moeify(out) and not config.force:
+        raise MoeifyError(f"--out {out} holds an earlier run; pass --resume to continue it or --force to start afresh")
+    check_output(out, config.force, reads)
     barrier(env)
     if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        claim_directory(out, config.force, reads, None)  # marked with its first file, config.yaml
     barrier(env)
 
 

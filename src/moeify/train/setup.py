@@ -84,6 +84,8 @@ def reference_losses(config: TrainConfig, model_dir: Path, data: PackedDataset, 
                 values[domain.strip()] = float(value)
             except ValueError:
                 raise MoeifyError(f"--reference-losses {config.reference_losses!r}: write a=2.1,b=3.0") from None
+            if not math.isfinite(values[domain.strip()]):
+                raise MoeifyError(f"--reference-losses {config.reference_losses!r}: {domain.strip()}'s loss is not a finite number")
         if set(values) != set(data.domains):
             raise MoeifyError(f"--reference-losses must name exactly the domains: {', '.join(data.domains)}")
         return values

@@ -49,6 +49,12 @@ def choose_format(dense: PretrainedConfig, features: MoEFeatures, name: str | No
     when the router is moeify's MLP gate, which no stock format holds)."""
     if name is not None and name != MOEIFY_FORMAT and name not in FORMATS:
         raise MoeifyError(f"unknown format {name!r}; choose one of: {', '.join(FORMATS)}")
+    if name in FORMATS and features.router.gate != "linear":
+        raise MoeifyError(f"--format {name} cannot hold the {features.router.gate} gate (no stock format has it): drop --format "
+                          f"(the MoE is written in moeify's format, {MOEIFY_FORMAT}) or build with --gate linear")
+    if name == MOEIFY_FORMAT and features.router.gate == "linear":
+        raise MoeifyError(f"--format {MOEIFY_FORMAT} is the format of an MLP gate (--gate mlp); with a linear gate drop --format "
+                          f"or name a stock one: {', '.join(FORMATS)}")
     candidates = [name] if name not in (None, MOEIFY_FORMAT) else default_order(dense, features)
     reasons = []
     for candidate in candidates:

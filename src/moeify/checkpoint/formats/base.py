@@ -176,7 +176,7 @@ class OutputFormat:
         if layer.selection_bias is not None:
             if C.SELECTION_BIAS in names:
                 yield f"{prefix}.{names[C.SELECTION_BIAS]}", layer.selection_bias.float()  # stock keeps it in fp32
-            elif layer.selection_bias.abs().max() > 0:
+            elif not layer.selection_bias.is_meta and layer.selection_bias.abs().max() > 0:
                 raise MoeifyError(f"{self.architecture} cannot hold the aux-loss-free selection bias; build with --routing "
                                   "sigmoid-topk (DeepSeek-V3 format) or train without --bias-update-rate")
         if layer.shared is not None:
