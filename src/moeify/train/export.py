@@ -23,6 +23,6 @@ def export_stock(model: torch.nn.Module, config, source_dir: Path, out: Path, en
             state = fold_scale(state, manifest.scale)
         tensors = stock_state_dict(state, config)
         manifest = manifest.replace(training=training) if manifest is not None else None
-        write_checkpoint(out, sorted(tensors.items()), config, source_dir, manifest, force=True)
+        write_checkpoint(out, sorted(tensors.items()), config, source_dir, manifest, force=True, verb="train")
     barrier(env)
     return out
