@@ -119,6 +119,21 @@ def _with_config(ctx: dict, name: str, **changes) -> str:
     return str(path)
 
 
+def _tiny_llama(ctx: dict, name: str, **changes) -> str:
+    from transformers import LlamaConfig
+
+    from tests.conftest import COMMON, save_tiny
+
+    return str(save_tiny(LlamaConfig(**{**COMMON, **changes}), ctx["tmp"] / name))
+
+
+def _other_tokenizer(ctx: dict) -> str:
+    path = Path(_copy(ctx, "llama", "other-tokenizer"))
+    settings = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**settings, "model_max_length": 7}))
+    return str(path)
+
+
 def _tree(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()} if path.is_dir() else \
         {path.name: path.read_bytes()}
@@ -407,6 +422,20 @@ CASES = [
                                           "--force"], "is the input", keep=lambda c: c["tmp"] / "m"),
     Case("train-out-holds-data", lambda c: [*TRAIN(c)[:2], "--data", _copy(c, "data", "run/data"), "--out", str(c["tmp"] / "run"),
                                             *TRAIN(c)[6:], "--force"], "holds the input", keep=lambda c: c["tmp"] / "run"),
+    # distillation (issue 32)
+    Case("train-distill-dense", lambda c: ["train", L(c), *TRAIN(c)[2:], "--distill"], "--distill recovers an MoE from its dense parent", OUT),
+    Case("train-distill-no-parent", lambda c: ["train", _stock_copy(c), *TRAIN(c)[2:], "--distill"],
+         "has no moeify.json recording its dense parent; give --teacher PATH", OUT),
+    Case("train-teacher-missing", lambda c: [*TRAIN(c), "--distill", "--teacher", str(c["tmp"] / "nope")], "no model at", OUT),
+    Case("train-teacher-other-vocabulary", lambda c: [*TRAIN(c), "--distill", "--teacher", _tiny_llama(c, "t", vocab_size=256)],
+         "has a vocabulary of 256 tokens, the student 320", OUT),
+    Case("train-teacher-other-tokenizer", lambda c: [*TRAIN(c), "--distill", "--teacher", _other_tokenizer(c)],
+         "has another tokenizer than the data and the student", OUT),
+    Case("train-distill-alpha-above-1", lambda c: [*TRAIN(c), "--distill", "--distill-alpha", "1.5"], "--distill-alpha is 1.5; it must be in [0, 1]",
+         OUT),
+    Case("train-distill-temperature-zero", lambda c: [*TRAIN(c), "--distill", "--distill-temperature", "0"],
+         "--distill-temperature is 0.0; it must be greater than 0", OUT),
+    Case("train-teacher-without-distill", lambda c: [*TRAIN(c), "--teacher", L(c)], "--teacher is read with --distill", OUT),
     Case("train-read-only", lambda c: [*TRAIN(c)[:4], "--out", str(c["mnt"] / "run"), *TRAIN(c)[6:]], "Read-only file system",
          lambda c: c["mnt"] / "run", "ro"),
 ]

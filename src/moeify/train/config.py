@@ -18,6 +18,7 @@ class TrainConfig:
         "eval_blocks": at_least(1), "balance_coef": at_least(0), "z_loss_coef": at_least(0), "bias_update_rate": at_least(0),
         "capacity_factor": positive(), "checkpoint_every": at_least(0), "keep_checkpoints": at_least(1), "peak_tflops": positive(),
         "log_every": at_least(1), "loss_chunk": at_least(0), "ep": at_least(1), "hsdp": at_least(1),
+        "distill_alpha": fraction(), "distill_temperature": positive(),
     }
     model: str = "smollm2-135m"
     """Model to train: an MoE or dense Hugging Face directory, a .gguf file or an embedded name."""
@@ -83,6 +84,16 @@ class TrainConfig:
     reshard_after_forward: bool = True
     """FSDP2: free each layer's gathered parameters after its forward (less memory) or keep them for the
     backward (one all-gather fewer per layer)."""
+    distill: bool = False
+    """Recover the MoE by distillation from its dense parent (moeify.json's source, or --teacher): the loss is
+    alpha tau^2 KL(teacher || student, both at temperature tau) + (1 - alpha) next-token cross-entropy."""
+    teacher: str | None = None
+    """--distill: the teacher (a dense model with the student's tokenizer); default: the dense model the MoE was
+    built from (with --from-dense, that model)."""
+    distill_alpha: float = 1.0
+    """--distill: weight of the KL term (1: distillation alone, 0: cross-entropy alone)."""
+    distill_temperature: float = 1.0
+    """--distill: softmax temperature tau of teacher and student in the KL term (scaled by tau^2, Hinton)."""
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
     """Compute precision: bf16 (fp32 master weights, optimizer state and gradient reduction) or fp32;
     auto: bf16 on GPU, fp32 on CPU."""

@@ -79,11 +79,16 @@ def _step(run: Session, step: int) -> dict:
     config = run.config
     started = time.perf_counter()
     record = train_step(run.model, run.blocks, run.optimizer, lambda: _micro_batch(run), len(run.data.domains), config, run.env,
-                        run.accum, run.dtype, measure_bytes=step == 1)
+                        run.accum, run.dtype, measure_bytes=step == 1, teacher=run.teacher)
     domain_stats = record.pop("_domain_stats")
-    record["domain_loss"] = {d: (s / n).item() for d, (s, n) in zip(run.data.domains, domain_stats) if n > 0}
-    if not math.isfinite(record["loss"]):  # the loss all ranks reduced: every rank stops here
-        raise same_on_every_rank(MoeifyError(f"the loss became {record['loss']} at step {step}; training stopped, last good "
+    seen = [(d, row) for d, row in zip(run.data.domains, domain_stats) if row[1] > 0]
+    record["domain_loss"] = {d: (row[0] / row[1]).item() for d, row in seen}
+    if run.teacher is not None:
+        record["domain_kd_loss"] = {d: (row[2] / row[1]).item() for d, row in seen}
+        record["domain_teacher_ce"] = {d: (row[3] / row[1]).item() for d, row in seen}
+    objective = record.get("distill_loss", record["loss"])
+    if not math.isfinite(objective):  # the loss all ranks reduced: every rank stops here
+        raise same_on_every_rank(MoeifyError(f"the loss became {objective} at step {step}; training stopped, last good "
                                              f"checkpoint: {run.last_checkpoint or 'none'}; lower --lr or check the data"))
     lr = run.scheduler.get_last_lr()[0]  # the rate this step used
     run.scheduler.step()

@@ -82,7 +82,7 @@ def build_online(dense: DenseCheckpoint, construction: ConstructionConfig, sourc
     return OnlineBuild(model, blocks, plan.manifest(dense, source, fmt.architecture, format_name).replace(built_online=True))
 
 
-def _local_box(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
+def local_box(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
     """This rank's local tensor of a parameter or buffer, and where it lies in the global tensor
     (FSDP2 and expert parallelism shard on any dimension, torch.chunk style)."""
     if isinstance(tensor, DTensor):
@@ -98,13 +98,13 @@ def _fill(model: nn.Module, dense: DenseCheckpoint, plan: ConstructionPlan, fmt:
     for name, param in model.named_parameters():
         if id(param) in moe_tensors:
             continue
-        local, box = _local_box(param)
+        local, box = local_box(param)
         if local.numel():
             local.copy_(plan.block(dense, name, box))
     for index, moe in moe_modules.items():  # one dense FFN in memory at a time
         layer = fmt.from_construction(plan.layer(dense, index), plan.expert_size)
         tensors = dict(moe.named_parameters()) | dict(moe.named_buffers())
-        (gate_up, up_box), (down, down_box) = _local_box(tensors.pop(GATE_UP)), _local_box(tensors.pop(DOWN))
+        (gate_up, up_box), (down, down_box) = local_box(tensors.pop(GATE_UP)), local_box(tensors.pop(DOWN))
         assert up_box[0] == down_box[0], "both expert tensors are split over the same experts"
         experts = up_box[0]
         # Expert by expert, each made once for both tensors: at most one made expert beside the dense FFN.
@@ -112,6 +112,6 @@ def _fill(model: nn.Module, dense: DenseCheckpoint, plan: ConstructionPlan, fmt:
             gate_up[row].copy_(gate_up_full[up_box[1:]])
             down[row].copy_(down_full[down_box[1:]])
         for name, tensor in tensors.items():
-            local, box = _local_box(tensor)
+            local, box = local_box(tensor)
             if local.numel():
                 local.copy_(layer.module_tensor(name, box[0].start, box[0].stop)[(slice(None), *box[1:])])

@@ -157,6 +157,19 @@ def parallelize(model: nn.Module, env: DistEnv, layout: Layout, dtype: torch.dty
     return model
 
 
+def shard_frozen(model: nn.Module, env: DistEnv, layout: Layout, dtype: torch.dtype) -> nn.Module:
+    """A frozen model (a distillation teacher) beside the student: under FSDP2 each decoder layer is sharded
+    over the student's dense mesh and gathered in the compute dtype for its forward only; embeddings and
+    the final norm stay whole. Unchanged on one rank and under DDP (replicated)."""
+    if not env.distributed or layout.parallel != "fsdp":
+        return model
+    meshes = make_meshes(env, layout)
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=meshes.dense, mp_policy=policy, reshard_after_forward=True, shard_placement_fn=even_shard(layout.shard))
+    return model
+
+
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """The global gradient norm (clipped to max_norm): parameters on different meshes (dense, experts)
     have their norms computed apart, then combined."""

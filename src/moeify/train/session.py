@@ -56,6 +56,7 @@ from moeify.train.setup import (
     reference_losses,
     set_trainable,
 )
+from moeify.train.teacher import Teacher, load_teacher, teacher_path
 
 
 @dataclass
@@ -83,6 +84,7 @@ class Session:
     start_step: int
     tokens_seen: int
     last_checkpoint: Path | None
+    teacher: Teacher | None = None  # --distill
 
 
 def open_session(config: TrainConfig, construction: ConstructionConfig | None = None) -> Session:
@@ -116,7 +118,7 @@ def open_session(config: TrainConfig, construction: ConstructionConfig | None = 
             moe.block.cv2_unbiased = config.cv2_variance == "unbiased"
             moe.block.cv2_smooth_load = config.cv2_load == "smooth"
         enable_activation_checkpointing(model, config.activation_checkpointing)
-        install_chunked_loss(model, config.loss_chunk)
+        install_chunked_loss(model, config.loss_chunk, always=config.distill)
         flops["per_token"] = flops_per_token(model, data.seq_len)
         if config.compile:
             compile_layers(model)
@@ -138,6 +140,12 @@ def open_session(config: TrainConfig, construction: ConstructionConfig | None = 
         manifest = manifest.replace(scale_placement=construction.scale_placement)  # --scale-placement for a built MoE
     if manifest is not None and manifest.scale_placement == "multiplier" and manifest.scale != 1.0:
         hold_scale_as_multiplier(blocks, manifest.scale)
+    teacher = None
+    if config.distill:
+        if not blocks:
+            raise MoeifyError(f"--distill recovers an MoE from its dense parent; {model_dir} is dense (build an MoE from it first)")
+        source = teacher_path(config.teacher, model_dir, manifest, bool(config.from_dense))
+        teacher = load_teacher(source, env, layout, dtype, model_config.vocab_size, data.tokenizer_fingerprint, config.compile)
     rss_after_build = gather_to_list(round(peak_rss_mb(), 1), env)  # per rank
     if data.meta["tokenizer"]["vocab_size"] > model_config.vocab_size:
         raise MoeifyError(f"the data's vocabulary is larger than {model_dir}'s embedding table; prepare the data with this model")
@@ -176,7 +184,7 @@ def open_session(config: TrainConfig, construction: ConstructionConfig | None = 
                     "built_online": bool(config.from_dense), "heldout_loss": heldout_losses(model, data, config.eval_blocks, config.micro_batch, dtype)})
     return Session(config, env, out, model_dir, data, model, model_config, blocks, manifest, optimizer, scheduler, sampler, dynamic,
                    identity, logger, dtype, steps, accum, flops_token, peak, start_step, tokens_seen,
-                   complete_checkpoints(out)[-1] if config.resume else None)
+                   complete_checkpoints(out)[-1] if config.resume else None, teacher)
 
 
 def _dataset(config: TrainConfig) -> PackedDataset:
@@ -209,7 +217,7 @@ def _on_main_first(env: DistEnv, make):
 
 def _prepare_out_dir(out: Path, config: TrainConfig, construction: ConstructionConfig | None, env: DistEnv) -> None:
     """The run directory under the output rule (checkpoint/atomic.py), checked on every rank, made by rank 0."""
-    reads = [config.from_dense or config.model, config.data, config.reference_model,
+    reads = [config.from_dense or config.model, config.data, config.reference_model, config.teacher,
              *(construction.read_paths() if construction is not None and config.from_dense else [])]
     if config.resume:
         check_not_an_input(out, reads)
@@ -229,9 +237,12 @@ def _prepare_out_dir(out: Path, config: TrainConfig, construction: ConstructionC
 def _identity(model_config, data: PackedDataset, config: TrainConfig) -> dict:
     """What must match for a checkpoint to be resumed."""
     described = {k: v for k, v in model_config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
-    return {
+    identity = {
         "model_config_sha256": hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest(),
         "data": data.meta["fingerprint"],
         "batch_size": config.batch_size,
         "max_tokens": config.max_tokens,
     }
+    if config.distill:  # the objective (absent for plain training, so earlier checkpoints still match)
+        identity["distill"] = {"alpha": config.distill_alpha, "temperature": config.distill_temperature}
+    return identity

@@ -34,6 +34,11 @@ def check_config(config: TrainConfig, env: DistEnv) -> None:
         raise MoeifyError(f"--capacity-factor must be positive, got {config.capacity_factor}")
     if config.keep_checkpoints < 1:
         raise MoeifyError("--keep-checkpoints must be at least 1")
+    if not config.distill:
+        for name in ("teacher", "distill_alpha", "distill_temperature"):
+            if is_given(config, name, getattr(TrainConfig, name)):
+                flag = "--" + name.replace("_", "-")
+                raise MoeifyError(f"{flag} is read with --distill; add --distill or drop {flag}")
 
 
 def set_trainable(model: torch.nn.Module, blocks: list[MoEFeedForward], trainable: str) -> None:

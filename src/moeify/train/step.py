@@ -16,6 +16,7 @@ from moeify.train.config import TrainConfig
 from moeify.train.distributed import DistEnv, all_reduce_sum
 from moeify.train.heldout import sequence_losses
 from moeify.train.parallelize import clip_grad_norm, local_bytes
+from moeify.train.teacher import Teacher, distill_losses
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # token ids [B, S] and each sequence's domain index [B], on the device
 
@@ -44,18 +45,25 @@ def reduce_stats(tensors: list[torch.Tensor], env: DistEnv) -> list[torch.Tensor
 
 def train_step(model: torch.nn.Module, blocks: list[MoEFeedForward], optimizer: torch.optim.Optimizer,
                next_micro_batch: Callable[[], MicroBatch], num_domains: int, config: TrainConfig, env: DistEnv, accum: int,
-               dtype: torch.dtype = torch.float32, measure_bytes: bool = False) -> dict:
-    """`measure_bytes` adds the bytes this rank holds for gradients (before they are freed)."""
+               dtype: torch.dtype = torch.float32, measure_bytes: bool = False, teacher: Teacher | None = None) -> dict:
+    """`measure_bytes` adds the bytes this rank holds for gradients (before they are freed). With a teacher
+    the objective is alpha tau^2 KL + (1 - alpha) CE; `loss` stays the next-token CE (comparable with any
+    run), `distill_loss` is the objective."""
     device = env.device
     stat = dict(dtype=torch.float64, device=device)
-    domain_stats = torch.zeros(num_domains, 2, **stat)  # per domain: sum of sequence losses, sequences
+    alpha, tau = config.distill_alpha, config.distill_temperature
+    domain_stats = torch.zeros(num_domains, 4, **stat)  # per domain: sums of sequence CE, sequences, KL, teacher CE
     moe_stats = torch.zeros(4, **stat)  # sums of balance loss, z-loss, dropped assignments, router entropy
     load = torch.zeros(len(blocks), blocks[0].block.router.num_experts if blocks else 0, **stat)
     for _ in range(accum):
         ids, domain_B = next_micro_batch()
         with autocast_for(device, dtype):
-            seq_loss = sequence_losses(model, ids)
-        loss = seq_loss.mean()
+            if teacher is None:
+                seq_loss, seq_kl, seq_teacher = sequence_losses(model, ids), None, None
+                loss = seq_loss.mean()
+            else:
+                objective, seq_loss, seq_kl, seq_teacher = distill_losses(model, teacher, ids, alpha, tau).unbind(dim=1)
+                loss = objective.mean()
         if blocks:
             balance, z_loss = router_losses(blocks, config.balance_loss)
             loss = loss + config.balance_coef * balance + config.z_loss_coef * z_loss
@@ -64,16 +72,24 @@ def train_step(model: torch.nn.Module, blocks: list[MoEFeedForward], optimizer: 
                                       torch.stack([b.last.entropy for b in blocks]).double().mean()])
             load += torch.stack([b.last.load_E for b in blocks]).double()
         (loss / accum).backward()
-        domain_stats.index_add_(0, domain_B, torch.stack([seq_loss.detach().double(), torch.ones_like(seq_loss, **stat)], dim=1))
+        zeros = torch.zeros_like(seq_loss, **stat)
+        columns = [seq_loss.detach().double(), torch.ones_like(seq_loss, **stat),
+                   zeros if seq_kl is None else seq_kl.detach().double(), zeros if seq_teacher is None else seq_teacher.double()]
+        domain_stats.index_add_(0, domain_B, torch.stack(columns, dim=1))
     domain_stats, moe_stats, load = reduce_stats([domain_stats, moe_stats, load], env)
     grad_norm = clip_grad_norm([p for p in model.parameters() if p.grad is not None],
                                config.grad_clip if config.grad_clip > 0 else float("inf"))
     on_device = [domain_stats, moe_stats, load, grad_norm.reshape(1).double()]
     domain_host, moe_host, load_host, norm_host = _unflat(_flat(on_device).cpu(), on_device)  # the one transfer
-    loss_value = (domain_host[:, 0].sum() / domain_host[:, 1].sum()).item()
-    if math.isfinite(loss_value):
-        optimizer.step()
+    sequences = domain_host[:, 1].sum()
+    loss_value = (domain_host[:, 0].sum() / sequences).item()
     record = {"loss": loss_value, "grad_norm": norm_host.item(), "_domain_stats": domain_host}
+    if teacher is not None:
+        kl = (domain_host[:, 2].sum() / sequences).item()
+        record.update(distill_loss=(1 - alpha) * loss_value + alpha * tau**2 * kl, kd_loss=kl,
+                      teacher_ce=(domain_host[:, 3].sum() / sequences).item())
+    if math.isfinite(record.get("distill_loss", loss_value)):
+        optimizer.step()
     if measure_bytes:
         record["_gradient_bytes"] = local_bytes(p.grad for p in model.parameters() if p.grad is not None)
     optimizer.zero_grad(set_to_none=True)
