@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 def test_quickstart_numbers_are_sane(tmp_path):
     rows = quickstart(QuickstartConfig(work_dir=tmp_path, eval_tokens=512, train_tokens=4096, calibration_tokens=4096))
-    dense, upcycled, carved, split, trained = rows
+    dense, upcycled, carved, carved_distilled, split, trained, distilled = rows
     # Copy-upcycling reproduces the dense model on real text, after a reload with stock transformers.
     assert upcycled.max_abs_logit_diff is not None and upcycled.max_abs_logit_diff <= 1e-4
     assert abs(upcycled.perplexity - dense.perplexity) < 1e-3 * dense.perplexity
@@ -26,11 +26,17 @@ def test_quickstart_numbers_are_sane(tmp_path):
     # 8 experts top-2: the copies multiply the FFN by 8 but each token uses 2 of them.
     assert upcycled.total_params > 5 * dense.total_params and upcycled.active_params < 2 * dense.active_params
     assert split.total_params - dense.total_params == 30 * 8 * 576  # the routers
-    # Two steps of continual pre-training already pull the random split back toward a language model.
-    assert trained.perplexity < split.perplexity / 10
+    # Two steps of continual pre-training, or of distillation from the dense model, already pull the random
+    # split back toward a language model; the carve stays one under distillation.
+    assert trained.perplexity < split.perplexity / 10 and distilled.perplexity < split.perplexity / 10
+    assert dense.perplexity < carved_distilled.perplexity < 2 * carved.perplexity
     assert (tmp_path / "random-split-cpt" / "metrics.jsonl").is_file()
+    for run in ("random-split-distill", "carve-distill"):
+        records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        assert all(math.isfinite(r["kd_loss"]) and r["teacher_ce"] < r["loss"] for r in records if "kd_loss" in r)
     table = format_rows(rows, "p")
-    assert "upcycle 8x top-2" in table and "random-split 8/top-2 s=4" in table and "carve 12/top-4+shared (50% active)" in table
+    assert "upcycle 8x top-2" in table and "carve 12/top-4+shared (50% active)" in table
+    assert "random-split 8/top-2 s=4 + CPT 4k tok" in table and "random-split 8/top-2 s=4 + distill 4k tok" in table
 
 
 def test_inspect_smollm2(capsys):
