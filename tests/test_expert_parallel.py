@@ -174,3 +174,18 @@ def test_global_capacity_keeps_what_one_process_keeps():
     # A hand case: one expert, 2 ranks, 3 first and 2 second choices each, capacity 7: all first choices
     # (6) and rank 0's first second choice fit.
     assert kept_counts(torch.tensor([[[3], [2]], [[3], [2]]]), 7).tolist() == [[[3], [1]], [[3], [0]]]
+
+
+def test_distillation_under_expert_parallelism_matches_one_process(tiny_moe, tiny_data, tmp_path):
+    # EP2 on 4 ranks, the dense teacher sharded over the dense mesh beside the student: the same objective,
+    # the teacher's CE and the KL as one process with micro-batch 2 (tolerance as above).
+    steps = 4
+    single = train(train_config(tiny_moe, tiny_data, tmp_path / "one", max_tokens=8 * 32 * steps, micro_batch=2, distill=True,
+                                distill_alpha=0.5), progress=False)
+    _torchrun(tmp_path / "ep", tiny_data, "--model", str(tiny_moe), "--micro-batch", "1", "--max-tokens", str(8 * 32 * steps),
+              "--ep", "2", "--distill", "--distill-alpha", "0.5")
+    records = [r for r in _records(tmp_path / "ep") if "distill_loss" in r]
+    expected = [r for r in _records(tmp_path / "one") if "distill_loss" in r]
+    assert len(records) == len(expected) == steps and single.finished
+    for a, b in zip(records, expected):
+        assert abs(a["distill_loss"] - b["distill_loss"]) < 1e-3 and abs(a["teacher_ce"] - b["teacher_ce"]) < 1e-5, (a, b)
