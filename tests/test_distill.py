@@ -97,7 +97,7 @@ def test_resume_during_distillation_is_exact(tiny_moe, tiny_data, tmp_path):
 def test_fsdp2_distillation_on_two_ranks_matches_one_rank(tiny_moe, tiny_data, tmp_path):
     # The teacher is sharded with FSDP2 like the student; same global batch as one process (see test_distributed).
     steps = 4
-    single = train(train_config(tiny_moe, tiny_data, tmp_path / "one", distill=True, distill_alpha=0.5, max_tokens=8 * 32 * steps,
+    train(train_config(tiny_moe, tiny_data, tmp_path / "one", distill=True, distill_alpha=0.5, max_tokens=8 * 32 * steps,
                                 lr=3e-3), progress=False)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "moeify", "train",
                "--model", str(tiny_moe), "--data", str(tiny_data), "--out", str(tmp_path / "two"), "--batch-size", "8",

@@ -112,10 +112,21 @@ def _add_flags(parser: argparse.ArgumentParser, verb: Verb, schema: type) -> Non
             parser.add_argument(*flags, type=None if choices else converter, choices=choices, dest=leaf.name, default=None, help=help_text)
 
 
+REPLACED_FLAGS = {  # flags that are gone, and what does their work now
+    "--recovery-steps": "carve's router-only recovery is now layer-wise distillation of the built MoE: "
+                        "`moeify train --model MOE --layerwise` (add --trainable router for the routers alone)",
+    "--recovery-lr": "carve's router-only recovery is now layer-wise distillation of the built MoE: `moeify train --model MOE --layerwise --lr LR`",
+}
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's errors (an unknown flag, a value not among the choices) in moeify's one-line form."""
 
     def error(self, message: str):
+        if message.startswith("unrecognized arguments"):
+            replaced = next((flag for flag in REPLACED_FLAGS if flag in message.split()), None)
+            if replaced:
+                message = f"{replaced} was removed: {REPLACED_FLAGS[replaced]}"
         error = same_on_every_local_rank(MoeifyError(f"{message}; `{self.prog} --help` lists what it takes"))
         _print_error(str(error), error)
         self.exit(2)

@@ -31,12 +31,9 @@ from moeify.evaluate.scoring import blocks_of, score_blocks
 from moeify.modeling.load import load_moe_model
 from moeify.schema import at_least, given_names, replace_flat
 
-CARVE_RECOVERY = "carve+recovery"  # carve, then the router-only recovery stage
-
 DEFAULT_METHODS = ("upcycle", "random-split", "clustering", "co-activation", "sharing-inner", "sharing-inter", "gradient-greedy", "carve")
-RATIO_METHODS = ("random-split", "clustering", "co-activation", "sharing-inner", "sharing-inter", "gradient-greedy", "carve", CARVE_RECOVERY)
+RATIO_METHODS = ("random-split", "clustering", "co-activation", "sharing-inner", "sharing-inter", "gradient-greedy", "carve")
 SHARED_METHODS = ("sharing-inter", "carve")  # at a ratio these keep half the active blocks as a shared expert
-RECOVERY_STEPS = 200
 
 
 @dataclass
@@ -47,8 +44,7 @@ class CompareInitConfig:
     out: Path = Path("moeify-compare-init")
     """Table, JSON and PNG go here."""
     methods: str | None = None
-    """Comma-separated construction methods (carve+recovery: carve with the router-only recovery stage);
-    default: all but the upcycling family at --activation-ratio, else the LLaMA-MoE set, upcycle and carve."""
+    """Comma-separated construction methods; default: all but the upcycling family at --activation-ratio, else the LLaMA-MoE set, upcycle and carve."""
     blocks: int = 16
     """With --activation-ratio r (active neurons / F): the FFN is cut into this many equal blocks; methods
     without a shared expert route r x blocks of them, carve and sharing-inter keep half of those shared."""
@@ -77,16 +73,14 @@ def arms(config: CompareInitConfig, base: ConstructionConfig, ffn_size: int) -> 
     if len(set(names)) != len(names):
         raise MoeifyError(f"--methods {config.methods!r} names a method twice; give each once")
     for name in names:
-        method = get_method("carve" if name == CARVE_RECOVERY else name)
+        method = get_method(name)
         if ratio is not None and isinstance(method, (Upcycle, GranularUpcycle)):
             raise MoeifyError(f"--method {name} copies the FFN into experts (activation 100% x k), so it has no place at "
                               f"--activation-ratio {ratio:g}; drop it from --methods")
     out: dict[str, tuple[ConstructionConfig, set[str]]] = {}
     for name in names:
-        method = "carve" if name == CARVE_RECOVERY else name
+        method = name
         settings: dict = {"method": method}
-        if name == CARVE_RECOVERY and not base.carve.recovery_steps:
-            settings["recovery_steps"] = RECOVERY_STEPS
         if ratio is not None:
             shape = shape_at_ratio(ffn_size, ratio, config.blocks, method in SHARED_METHODS)
             settings.update(num_experts=shape.num_experts, top_k=shape.top_k, shared_size=shape.shared_size, activation_ratio=None)

@@ -4,6 +4,8 @@ budget and seed, evaluated per domain, written as a table, JSON and plots.
 An experiment is a YAML file (experiments/NAME.yaml): a model, shared `build:` and `train:`
 settings, and `arms`, each a name with its own `build:` (absent: the dense model itself) and
 `train:` overrides (absent or empty `train:` for an arm that is only evaluated at construction).
+An arm with `after: NAME` trains, instead, the model an earlier arm trained (a second stage: layer-wise
+then end-to-end distillation); its token counts continue that arm's.
 """
 
 import json
@@ -36,7 +38,7 @@ EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"  # package dat
 TRAIN_KEYS = leaf_names(TrainConfig) - {"model", "data", "out"}
 BUILD_KEYS = leaf_names(ConstructionConfig)
 DOCUMENT_KEYS = {"name", "description", "model", "build", "train", "arms"}
-ARM_KEYS = {"name", "build", "train"}
+ARM_KEYS = {"name", "build", "train", "after"}
 
 
 @dataclass
@@ -77,6 +79,12 @@ def load_experiment(spec: str) -> dict:
         _refuse_unknown(set(arm.get("build") or {}) - BUILD_KEYS, BUILD_KEYS, f"{where} (build:)")
         _refuse_unknown(set(arm.get("train") or {}) - TRAIN_KEYS, TRAIN_KEYS, f"{where} (train:)")
     names = [arm["name"] for arm in document["arms"]]
+    for index, arm in enumerate(document["arms"]):
+        if "after" in arm:
+            trained = [a["name"] for a in document["arms"][:index] if a.get("train") is not None]
+            if arm["after"] not in trained or "build" in arm or arm.get("train") is None:
+                raise MoeifyError(f"{path}, arm {arm['name']!r}: `after:` names an earlier arm that trains ({', '.join(trained) or 'none'}) "
+                                  "and the arm trains that arm's model: give it a train: section and no build:")
     if len(set(names)) != len(names):
         raise MoeifyError(f"{path}: arm names repeat ({', '.join(sorted({n for n in names if names.count(n) > 1}))}); each arm "
                           "writes to arms/NAME, so give each a name of its own")
@@ -120,15 +128,21 @@ def run_experiment(config: ExperimentConfig) -> dict:
         name = arm["name"]
         _log(f"arm {name}")
         arm_dir = config.out / "arms" / name
-        start = dense_dir
+        start, before = dense_dir, None
         if name in constructions:
             start = build(BuildConfig(model, arm_dir / "init", constructions[name]), progress=False)
+        if "after" in arm:
+            before = next(a for a in arms if a["name"] == arm["after"])
+            start = Path(before["model"])
         record = {"name": name, "build": arm.get("build"), "init_max_abs_logit_diff": (_logits(start, probe) - dense_logits).abs().max().item()}
+        if before is not None:
+            record["after"] = before["name"]
         if arm.get("train") is not None:
             train_settings = {**shared_train, **arm["train"], "model": str(start), "data": str(data.path), "out": str(arm_dir / "run")}
             train_config = from_flat(TrainConfig, train_settings, f"experiment {name!r} (train:)")
             result = train(train_config)
-            record.update(_run_summary(arm_dir / "run"), train=arm["train"], seed=train_config.seed, model=str(result.model_dir))
+            record.update(_run_summary(arm_dir / "run", before["tokens"] if before else 0), train=arm["train"], seed=train_config.seed,
+                          model=str(result.model_dir))
         else:
             record["model"] = str(start)
         arms.append(record)
@@ -162,19 +176,22 @@ def _logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
     return model.eval()(ids).logits
 
 
-def _run_summary(run: Path) -> dict:
+def _run_summary(run: Path, tokens_before: int = 0) -> dict:
+    """`tokens_before`: tokens an earlier stage trained the model on (`after:`), added to this run's counts."""
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r and "tokens_per_s" in r]
     evals = [r for r in records if "heldout_loss" in r]
     heldout = lambda r: statistics.mean(r["heldout_loss"].values())  # noqa: E731
+    layerwise = "layer_loss" in steps[-1]
     return {
-        "tokens": steps[-1]["tokens"], "steps": len(steps),
+        "tokens": tokens_before + steps[-1]["tokens"], "steps": len(steps),
+        "objective": "layerwise" if layerwise else "distill" if "kd_loss" in steps[-1] else "cross-entropy",
         "heldout_start": round(heldout(evals[0]), 4), "heldout_end": round(heldout(evals[-1]), 4),
         "heldout_end_domains": {d: round(v, 4) for d, v in evals[-1]["heldout_loss"].items()},
         "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in steps[1:] or steps), 1),
         "dropped_fraction": round(statistics.mean(r.get("dropped_fraction", 0.0) for r in steps), 4),
-        "curve": [(r["tokens"], r["loss"]) for r in steps],
-        "heldout_curve": [(r.get("tokens", 0), heldout(r)) for r in evals],
+        "curve": [(tokens_before + r["tokens"], r["loss"]) for r in steps],
+        "heldout_curve": [(tokens_before + r.get("tokens", 0), heldout(r)) for r in evals],
     }
 
 
@@ -183,15 +200,17 @@ def format_results(result: dict) -> str:
     lines = [f"# {result['experiment']}", "", result["description"].strip(), "",
              f"Model {result['model']}; every trained arm: {train.get('max_tokens')} tokens, seed {train.get('seed', 0)}, "
              f"sequences of {train.get('seq_len', TrainConfig.seq_len)}, batch {train.get('batch_size', TrainConfig.batch_size)}.", "",
-             "| arm | max \\|Δlogit\\| vs dense at init | held-out loss start → end | bits/byte (all) | tokens/s (× first) | dropped |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| arm | max \\|Δlogit\\| vs dense at init | training (tokens in all) | held-out loss start → end | bits/byte (all) "
+             "| tokens/s (× first) | dropped |",
+             "|---|---:|---|---:|---:|---:|---:|"]
     base = next((a.get("tokens_per_s") for a in result["arms"] if a.get("tokens_per_s")), None)
     for arm in result["arms"]:
         trained = "tokens_per_s" in arm
         loss = f"{arm['heldout_start']:.3f} → {arm['heldout_end']:.3f}" if trained else "(not trained)"
         speed = f"{arm['tokens_per_s']:.0f} ({arm['tokens_per_s'] / base:.2f}×)" if trained and base else "-"
         dropped = f"{arm['dropped_fraction']:.1%}" if trained else "-"
-        lines.append(f"| {arm['name']} | {arm['init_max_abs_logit_diff']:.2e} | {loss} | {arm['eval']['all']:.4f} | {speed} | {dropped} |")
+        how = f"{arm.get('objective', 'cross-entropy')}{' after ' + arm['after'] if 'after' in arm else ''} ({arm['tokens']:,})" if trained else "-"
+        lines.append(f"| {arm['name']} | {arm['init_max_abs_logit_diff']:.2e} | {how} | {loss} | {arm['eval']['all']:.4f} | {speed} | {dropped} |")
     domains = [d for d in result["arms"][0]["eval"] if d != "all"]
     lines += ["", "Bits per byte per domain (final evaluation, embedded held-out text):", "",
               "| arm | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
@@ -201,8 +220,14 @@ def format_results(result: dict) -> str:
 
 
 def _plots(result: dict, out: Path) -> None:
-    curves = {a["name"]: ([t for t, _ in a["curve"]], [loss for _, loss in a["curve"]]) for a in result["arms"] if "curve" in a}
+    """Training loss (next-token CE, and the CE of distillation runs; a layer-wise run's loss is another quantity)
+    and held-out loss against tokens."""
+    arms = [a for a in result["arms"] if "curve" in a]
+    curves = {a["name"]: ([t for t, _ in a["curve"]], [loss for _, loss in a["curve"]]) for a in arms if a.get("objective") != "layerwise"}
     if curves:
         line_plot(curves, f"{result['experiment']}: training loss", "tokens", "loss", out / "loss.png")
+    held = {a["name"]: ([t for t, _ in a["heldout_curve"]], [loss for _, loss in a["heldout_curve"]]) for a in arms}
+    if held:
+        line_plot(held, f"{result['experiment']}: held-out loss", "tokens", "held-out loss (nats/token)", out / "heldout.png")
     bar_chart({a["name"]: a["eval"]["all"] for a in result["arms"]}, f"{result['experiment']}: held-out bits per byte",
               "bits per byte", out / "bits_per_byte.png")

@@ -11,8 +11,8 @@ already carved below pass them on (so each layer sees, and corrects for, its pre
    top-k logits are the experts the token activates most; then the logit temperature (which moves
    the mixing weights, not the choice) is picked on a grid to minimise the layer's reconstruction error;
 5. optionally a selection bias that evens the calibration load (DeepSeek-V3's sign rule, run to a fixed point);
-6. expert scales: per-expert output factors by least squares on the dense FFN output (folded into down_proj);
-7. optionally recovery: Adam on the router and scales alone, reconstructing the dense FFN output.
+6. expert scales: per-expert output factors by least squares on the dense FFN output (folded into down_proj).
+Training against the dense FFN outputs is a later stage of its own, for every method: `moeify train --layerwise`.
 The result is a Partition holding, per layer, the experts, the shared block, router rows, selection
 bias and expert scales; `build` turns it into the MoE through the one construction path (plan.py).
 """
@@ -145,9 +145,6 @@ class LayerCarver:
             if self.options.carve.balance_bias:
                 self.balance()
             scales = self.fit_scales(experts) if self.options.carve.expert_scales else torch.ones(self.E)
-            if self.options.carve.recovery_steps:
-                stats["training_free_error"] = self.error(experts, scales)
-                scales, stats["recovery_error"] = self.recover(experts, scales)
         self.output_TD = torch.cat([self._carved(part, experts, scales) for part in self._chunks(slice(None))])
         stats["error"] = float((self.output_TD - self.target_TD).pow(2).sum() / self.target_TD.pow(2).sum().clamp_min(1e-30))
         return CarvedLayer(experts, shared, self.router.weight.detach().clone(), self.router.selection_bias.clone(), scales, stats)
@@ -258,40 +255,6 @@ class LayerCarver:
         pull = 1e-3 * gram_EE.diagonal().mean()
         return torch.linalg.solve(gram_EE + pull * torch.eye(self.E, dtype=torch.float64), rhs_E + pull).float()
 
-    def recover(self, experts_ES: torch.Tensor, scales_E: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Router-only recovery. Including expert e lowers the squared error of token t by
-        g_te = 2 <r_t, y_te> - ||y_te||^2 (r: dense minus shared output), so the k largest g are the
-        choice the dense FFN is best rebuilt from. The router learns it (Adam, cross-entropy of
-        softmax(x W) against those k experts); then temperature and expert scales are fitted again.
-        Kept only if the layer's reconstruction error drops (it is reported either way)."""
-        carve = self.options.carve
-        before = (self.router.weight.detach().clone(), scales_E, self.error(experts_ES, scales_E))
-        target_TE = torch.zeros(self.x_TD.shape[0], self.E)
-        for part in self._chunks(slice(None)):
-            y_TED = expert_outputs(self.h_TF[part], self.down, experts_ES)
-            r_TD = self.target_TD[part] - self.shared_TD[part]
-            gain_TE = 2 * torch.bmm(y_TED, r_TD[:, :, None]).squeeze(2) - y_TED.pow(2).sum(-1)
-            target_TE[part] = torch.zeros_like(gain_TE).scatter(1, gain_TE.topk(self.k, dim=1).indices, 1 / self.k)
-        unit = self.router.weight.detach() / self.router.gate_logits(self.x_TD).std()
-        weight_ED = torch.nn.Parameter(unit.clone())
-        optimizer = torch.optim.Adam([weight_ED], lr=carve.recovery_lr * float(unit.abs().mean()))
-        with torch.enable_grad():
-            for _ in range(carve.recovery_steps):
-                loss = -(target_TE * F.log_softmax(self.x_TD @ weight_ED.T, dim=1)).sum(1).mean()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-        self.router.weight.data.copy_(weight_ED.detach() / (self.x_TD @ weight_ED.detach().T).std())
-        self.choose_temperature(experts_ES)
-        if carve.balance_bias:
-            self.balance()
-        scales = self.fit_scales(experts_ES) if carve.expert_scales else scales_E
-        after = self.error(experts_ES, scales)
-        if after >= before[2]:
-            self.router.weight.data.copy_(before[0])
-            return before[1], after
-        return scales, after
-
 
 class _Recorder(torch.nn.Module):
     """Stands in for a layer's MLP: keeps its input and adds nothing, so the layer returns its residual."""
@@ -333,7 +296,7 @@ class Carve(ConstructionMethod):
                    "k-means of activation patterns, least-squares router and expert scales (CMoE and beyond)")
     needs_calibration = True
     options = CALIBRATION_OPTIONS | {"shared_size", "activation_ratio", "shared_by", "pattern_dims", "router_ridge", "expert_scales",
-                                     "balance_bias", "recovery_steps", "recovery_lr"}
+                                     "balance_bias"}
     layerwise = False
     scale_from_options = True
     router_inits = ("fitted", "normal")
@@ -400,8 +363,6 @@ class Carve(ConstructionMethod):
         info = {"calibration_tokens": data.tokens, "scale": scale,
                 "reconstruction_error": [round(c.stats["error"], 6) for c in layers],
                 "temperature": [c.stats.get("temperature") for c in layers]}
-        if options.carve.recovery_steps:
-            info["training_free_error"] = [round(c.stats["training_free_error"], 6) for c in layers]
         return Partition(self.name, options.num_experts, self.expert_size(F_, options), shared_size,
                          [c.experts_ES for c in layers], [c.shared_S for c in layers], model_fingerprint(dense),
                          method_options(options), info, router=[c.router_ED for c in layers],

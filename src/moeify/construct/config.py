@@ -103,7 +103,7 @@ class ClusteringOptions:
 @dataclass
 class CarveOptions:
     RANGES: ClassVar[dict] = {"activation_ratio": fraction(low_inclusive=False, high_inclusive=False), "pattern_dims": at_least(0),
-                              "router_ridge": at_least(0), "recovery_steps": at_least(0), "recovery_lr": positive()}
+                              "router_ridge": at_least(0)}
     activation_ratio: float | None = None
     """carve: active FFN neurons per token (k experts + shared) over F; decides the shared size
     (compare-init: every method compared at this ratio)."""
@@ -117,11 +117,6 @@ class CarveOptions:
     """carve: fit a per-expert output factor by least squares on the dense FFN output."""
     balance_bias: bool = False
     """carve: a selection bias that evens the calibration load (needs --routing sigmoid-topk)."""
-    recovery_steps: int = 0
-    """carve: router-only recovery, Adam steps per layer teaching the router the choice that best rebuilds the
-    dense FFN output (0: training-free)."""
-    recovery_lr: float = 0.05
-    """carve: recovery learning rate (relative to the router's mean |entry|)."""
 
 
 @dataclass

@@ -73,8 +73,9 @@ class TrainConfig:
     noisy_gate: bool = False
     capacity_factor: float | None = None
     """Tokens over CF * T * k / E per expert are dropped; None is dropless."""
-    trainable: Literal["all", "moe", "frozen-router"] = "all"
-    """all | moe (routers and experts only) | frozen-router (all but the routers)."""
+    trainable: str = "all"
+    """all | moe (the MoE blocks only) | frozen-router (all but the routers) | a comma list of the MoE blocks'
+    parts: router, experts (the routed experts, their output scales folded in), shared (the shared expert and its gate)."""
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     """Recompute activations in the backward: full (each decoder layer keeps only its input) | selective
     (keeps matmul and attention outputs, recomputes norms and activations) | none."""
@@ -87,8 +88,12 @@ class TrainConfig:
     distill: bool = False
     """Recover the MoE by distillation from its dense parent (moeify.json's source, or --teacher): the loss is
     alpha tau^2 KL(teacher || student, both at temperature tau) + (1 - alpha) next-token cross-entropy."""
+    layerwise: bool = False
+    """Layer-wise distillation (LaDiMo): each MoE block learns to reproduce its dense parent FFN's output on the
+    dense model's own hidden states, all layers from one teacher forward; only the MoE blocks run in the student
+    (the loss is their mean relative squared error). Follow it with --distill on the run's model."""
     teacher: str | None = None
-    """--distill: the teacher (a dense model with the student's tokenizer); default: the dense model the MoE was
+    """--distill and --layerwise: the teacher (a dense model with the student's tokenizer); default: the dense model the MoE was
     built from (with --from-dense, that model)."""
     distill_alpha: float = 1.0
     """--distill: weight of the KL term (1: distillation alone, 0: cross-entropy alone)."""

@@ -89,12 +89,15 @@ def enable_activation_checkpointing(model: nn.Module, mode: str) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def compile_layers(model: nn.Module, backend: str = "inductor") -> None:
+def compile_layers(model: nn.Module, backend: str = "inductor", moe_blocks_alone: bool = False) -> None:
     """torch.compile each decoder layer in place (torchtitan's granularity; parameter names unchanged).
     The layers share one graph (dynamo inlines the modules); `backend="eager"` traces without code
-    generation (the tests)."""
+    generation (the tests). `moe_blocks_alone` (--layerwise): each layer's MoE block instead."""
     for layer in model.model.layers:
-        layer.compile(backend=backend)
+        if not moe_blocks_alone:
+            layer.compile(backend=backend)
+        elif type(layer.mlp).__name__ == "MoEFeedForward":
+            layer.mlp.compile(backend=backend)
 
 
 def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:

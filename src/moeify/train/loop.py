@@ -83,7 +83,7 @@ def _step(run: Session, step: int) -> dict:
     domain_stats = record.pop("_domain_stats")
     seen = [(d, row) for d, row in zip(run.data.domains, domain_stats) if row[1] > 0]
     record["domain_loss"] = {d: (row[0] / row[1]).item() for d, row in seen}
-    if run.teacher is not None:
+    if run.teacher is not None and not config.layerwise:
         record["domain_kd_loss"] = {d: (row[2] / row[1]).item() for d, row in seen}
         record["domain_teacher_ce"] = {d: (row[3] / row[1]).item() for d, row in seen}
     objective = record.get("distill_loss", record["loss"])

@@ -60,7 +60,7 @@ def plan_online(dense: DenseCheckpoint, construction: ConstructionConfig, source
 def build_online(dense: DenseCheckpoint, construction: ConstructionConfig, source: str, env: DistEnv, layout: Layout,
                  dispatch: str, noisy: bool, capacity_factor: float | None,
                  before_sharding=lambda model, blocks: None, dtype: torch.dtype = torch.float32,
-                 reshard_after_forward: bool = True) -> OnlineBuild:
+                 reshard_after_forward: bool = True, moe_blocks_alone: bool = False) -> OnlineBuild:
     """The MoE model, sharded (FSDP2) when there are several ranks, weights filled from `dense`.
 
     `before_sharding(model, blocks)` runs on the meta-device model (freezing, activation checkpointing).
@@ -72,7 +72,7 @@ def build_online(dense: DenseCheckpoint, construction: ConstructionConfig, sourc
         blocks = attach_moe_blocks(model, dispatch, noisy, capacity_factor, gate=plan.config.router.gate,
                                    shared=plan.features.shared_size > 0)
     before_sharding(model, blocks)
-    model = wrap_model(model, env, layout, dtype, reshard_after_forward)
+    model = wrap_model(model, env, layout, dtype, reshard_after_forward, moe_blocks_alone)
     model.to_empty(device=env.device)
     if not env.distributed:
         model.tie_weights()  # to_empty on an unsharded model unties shared parameters (FSDP2 keeps them)
@@ -95,12 +95,13 @@ def local_box(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
 def _fill(model: nn.Module, dense: DenseCheckpoint, plan: ConstructionPlan, fmt: OutputFormat) -> None:
     moe_modules = moe_layers(model)
     moe_tensors = {id(t) for moe in moe_modules.values() for t in [*moe.parameters(), *moe.buffers()]}
+    zeros = {name for layer in range(dense.num_layers) for name in fmt.zero_tensors(dense.config, layer)}
     for name, param in model.named_parameters():
         if id(param) in moe_tensors:
             continue
         local, box = local_box(param)
         if local.numel():
-            local.copy_(plan.block(dense, name, box))
+            local.copy_(torch.zeros_like(local) if name in zeros else plan.block(dense, name, box))
     for index, moe in moe_modules.items():  # one dense FFN in memory at a time
         layer = fmt.from_construction(plan.layer(dense, index), plan.expert_size)
         tensors = dict(moe.named_parameters()) | dict(moe.named_buffers())

@@ -120,7 +120,7 @@ def _split_experts(block: MoEFeedForward, ep_mesh: DeviceMesh) -> None:
 
 
 def wrap_model(model: nn.Module, env: DistEnv, layout: Layout, dtype: torch.dtype = torch.float32,
-               reshard_after_forward: bool = True) -> nn.Module:
+               reshard_after_forward: bool = True, moe_blocks_alone: bool = False) -> nn.Module:
     """The model in its parallel layout: unchanged on one rank, DDP, or FSDP2 (with HSDP and EP)."""
     if not env.distributed:
         return model
@@ -128,12 +128,14 @@ def wrap_model(model: nn.Module, env: DistEnv, layout: Layout, dtype: torch.dtyp
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
-    return parallelize(model, env, layout, dtype, reshard_after_forward)
+    return parallelize(model, env, layout, dtype, reshard_after_forward, moe_blocks_alone)
 
 
 def parallelize(model: nn.Module, env: DistEnv, layout: Layout, dtype: torch.dtype = torch.float32,
-                reshard_after_forward: bool = True) -> nn.Module:
+                reshard_after_forward: bool = True, moe_blocks_alone: bool = False) -> nn.Module:
     """FSDP2 per decoder layer, then the root; experts split and sharded first under EP.
+    `moe_blocks_alone` (--layerwise, which runs the MoE blocks without their layers): each MoE block is
+    an FSDP2 unit of its own inside its layer.
 
     Master weights, gradients and optimizer state stay fp32; with bf16, FSDP2 gathers the
     parameters in bf16 for compute and reduces gradients in fp32."""
@@ -151,6 +153,9 @@ def parallelize(model: nn.Module, env: DistEnv, layout: Layout, dtype: torch.dty
             # averaging over the world, like every other parameter, needs the world as divisor.
             experts.set_gradient_divide_factor(float(layout.world))
             experts.set_force_sum_reduction_for_comms(True)  # sum, then divide: gloo has no pre-scaled sum
+        if moe_blocks_alone and isinstance(layer.mlp, MoEFeedForward):
+            fully_shard(layer.mlp, mesh=meshes.dense, mp_policy=policy, reshard_after_forward=reshard_after_forward,
+                        shard_placement_fn=even_shard(layout.shard))
         fully_shard(layer, mesh=meshes.dense, mp_policy=policy, reshard_after_forward=reshard_after_forward,
                     shard_placement_fn=even_shard(layout.shard))
     fully_shard(model, mesh=meshes.dense, mp_policy=policy, shard_placement_fn=even_shard(layout.shard))

@@ -56,6 +56,7 @@ from moeify.train.setup import (
     reference_losses,
     set_trainable,
 )
+from moeify.train.layerwise import check_teacher_layers
 from moeify.train.teacher import Teacher, load_teacher, teacher_path
 
 
@@ -84,7 +85,7 @@ class Session:
     start_step: int
     tokens_seen: int
     last_checkpoint: Path | None
-    teacher: Teacher | None = None  # --distill
+    teacher: Teacher | None = None  # --distill, --layerwise
 
 
 def open_session(config: TrainConfig, construction: ConstructionConfig | None = None) -> Session:
@@ -112,7 +113,7 @@ def open_session(config: TrainConfig, construction: ConstructionConfig | None = 
     dtype = training_dtype(config.dtype, env.device)
 
     def before_sharding(model, blocks):
-        set_trainable(model, blocks, config.trainable)
+        set_trainable(model, blocks, config.trainable, moe_only=config.layerwise)
         for moe in blocks:
             moe.block.balance_loss = config.balance_loss
             moe.block.cv2_unbiased = config.cv2_variance == "unbiased"
@@ -121,12 +122,12 @@ def open_session(config: TrainConfig, construction: ConstructionConfig | None = 
         install_chunked_loss(model, config.loss_chunk, always=config.distill)
         flops["per_token"] = flops_per_token(model, data.seq_len)
         if config.compile:
-            compile_layers(model)
+            compile_layers(model, moe_blocks_alone=config.layerwise)
 
     if config.from_dense:
         online = build_online(DenseCheckpoint(model_dir), construction or ConstructionConfig(seed=config.seed), config.from_dense,
                               env, layout, config.dispatch, config.noisy_gate, config.capacity_factor,
-                              before_sharding, dtype, config.reshard_after_forward)
+                              before_sharding, dtype, config.reshard_after_forward, config.layerwise)
         model, blocks, manifest = online.model, online.blocks, online.manifest
         model_config = model.config
     else:
@@ -134,18 +135,22 @@ def open_session(config: TrainConfig, construction: ConstructionConfig | None = 
         check_experts(layout, blocks[0].block.router.num_experts if blocks else None)
         before_sharding(model, blocks)
         model_config = model.config
-        model = wrap_model(model, env, layout, dtype, config.reshard_after_forward)
+        model = wrap_model(model, env, layout, dtype, config.reshard_after_forward, config.layerwise)
         manifest = Manifest.read(model_dir)
     if manifest is not None and construction is not None and is_given(construction, "scale_placement", "fold"):
         manifest = manifest.replace(scale_placement=construction.scale_placement)  # --scale-placement for a built MoE
     if manifest is not None and manifest.scale_placement == "multiplier" and manifest.scale != 1.0:
         hold_scale_as_multiplier(blocks, manifest.scale)
     teacher = None
-    if config.distill:
+    if config.distill or config.layerwise:
+        flag = "--distill" if config.distill else "--layerwise"
         if not blocks:
-            raise MoeifyError(f"--distill recovers an MoE from its dense parent; {model_dir} is dense (build an MoE from it first)")
-        source = teacher_path(config.teacher, model_dir, manifest, bool(config.from_dense))
-        teacher = load_teacher(source, env, layout, dtype, model_config.vocab_size, data.tokenizer_fingerprint, config.compile)
+            raise MoeifyError(f"{flag} recovers an MoE from its dense parent; {model_dir} is dense (build an MoE from it first)")
+        source = teacher_path(config.teacher, model_dir, manifest, bool(config.from_dense), flag)
+        teacher = load_teacher(source, env, layout, dtype, model_config.vocab_size, data.tokenizer_fingerprint,
+                               config.compile and config.distill, flag)
+        if config.layerwise:
+            check_teacher_layers(teacher, model_config)
     rss_after_build = gather_to_list(round(peak_rss_mb(), 1), env)  # per rank
     if data.meta["tokenizer"]["vocab_size"] > model_config.vocab_size:
         raise MoeifyError(f"the data's vocabulary is larger than {model_dir}'s embedding table; prepare the data with this model")
@@ -175,6 +180,9 @@ def open_session(config: TrainConfig, construction: ConstructionConfig | None = 
         (out / "config.yaml").write_text(yaml.safe_dump({"train": asdict(config)}, sort_keys=False))
         write_marker(out, "train")
 
+    if config.layerwise and env.distributed and start_step > 0:
+        with torch.no_grad():  # FSDP2 takes the first of its modules to run as the root: let it be the model, not a block
+            model(input_ids=data.blocks(data.domains[0], "val", 1)[:, :2].long().to(env.device), use_cache=False)
     logger = MetricsLogger(out, env.is_main, append=config.resume)
     peak, peak_source = peak_flops(env.device, config.peak_tflops)
     if start_step == 0:
@@ -245,4 +253,6 @@ def _identity(model_config, data: PackedDataset, config: TrainConfig) -> dict:
     }
     if config.distill:  # the objective (absent for plain training, so earlier checkpoints still match)
         identity["distill"] = {"alpha": config.distill_alpha, "temperature": config.distill_temperature}
+    if config.layerwise:
+        identity["layerwise"] = True
     return identity

@@ -34,21 +34,59 @@ def check_config(config: TrainConfig, env: DistEnv) -> None:
         raise MoeifyError(f"--capacity-factor must be positive, got {config.capacity_factor}")
     if config.keep_checkpoints < 1:
         raise MoeifyError("--keep-checkpoints must be at least 1")
+    if config.distill and config.layerwise:
+        raise MoeifyError("--layerwise and --distill are two stages: run --layerwise, then --distill with --model RUN/model")
+    teacher_flags = ("distill_alpha", "distill_temperature") if config.layerwise else ("teacher", "distill_alpha", "distill_temperature")
     if not config.distill:
-        for name in ("teacher", "distill_alpha", "distill_temperature"):
+        for name in teacher_flags:
             if is_given(config, name, getattr(TrainConfig, name)):
                 flag = "--" + name.replace("_", "-")
-                raise MoeifyError(f"{flag} is read with --distill; add --distill or drop {flag}")
+                also = " or --layerwise" if name == "teacher" else ""
+                raise MoeifyError(f"{flag} is read with --distill{also}; add --distill or drop {flag}")
+    trainable_parts(config.trainable)
+    if config.layerwise:
+        if env.distributed and config.parallel != "fsdp":
+            raise MoeifyError("--layerwise runs the MoE blocks on their own, which DDP cannot reduce; use --parallel fsdp")
+        if config.activation_checkpointing != "none":
+            raise MoeifyError("--layerwise keeps only the MoE blocks' activations; drop --activation-checkpointing")
+        if is_given(config, "loss_chunk", TrainConfig.loss_chunk):
+            raise MoeifyError("--loss-chunk is read by the output projection, which --layerwise does not run; drop --loss-chunk")
 
 
-def set_trainable(model: torch.nn.Module, blocks: list[MoEFeedForward], trainable: str) -> None:
+TRAINABLE_MODES = ("all", "moe", "frozen-router")
+MOE_PARTS = ("router", "experts", "shared")
+
+
+def trainable_parts(trainable: str) -> set[str] | None:
+    """The MoE-block parts a `--trainable` list names (None for all, moe and frozen-router)."""
+    if trainable in TRAINABLE_MODES:
+        return None
+    parts = {p.strip() for p in trainable.split(",") if p.strip()}
+    if not parts or parts - set(MOE_PARTS):
+        raise MoeifyError(f"--trainable {trainable!r}: give one of {', '.join(TRAINABLE_MODES)} or a comma list of {', '.join(MOE_PARTS)}")
+    return parts
+
+
+def _block_parts(block: MoEFeedForward) -> dict[str, list[torch.nn.Module]]:
+    shared = [m for m in (block.shared_expert, block.shared_expert_gate) if m is not None]
+    return {"router": [block.block.router], "experts": [block.block.experts], "shared": shared}
+
+
+def set_trainable(model: torch.nn.Module, blocks: list[MoEFeedForward], trainable: str, moe_only: bool = False) -> None:
+    """`moe_only` (--layerwise): nothing outside the MoE blocks trains, whatever --trainable says."""
     if trainable != "all" and not blocks:
         raise MoeifyError(f"--trainable {trainable} needs an MoE model; this one is dense")
-    if trainable == "moe":
+    parts = trainable_parts(trainable)
+    if parts is not None and "shared" in parts and not any(b.shared_expert is not None for b in blocks):
+        raise MoeifyError(f"--trainable {trainable}: this MoE has no shared expert; drop shared")
+    if trainable == "moe" or moe_only or parts is not None:
         model.requires_grad_(False)
         for block in blocks:
-            block.requires_grad_(True)
-    elif trainable == "frozen-router":
+            block.requires_grad_(parts is None)
+            for part in parts or ():
+                for module in _block_parts(block)[part]:
+                    module.requires_grad_(True)
+    if trainable == "frozen-router":
         for block in blocks:
             block.block.router.requires_grad_(False)
 

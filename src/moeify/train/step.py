@@ -16,6 +16,7 @@ from moeify.train.config import TrainConfig
 from moeify.train.distributed import DistEnv, all_reduce_sum
 from moeify.train.heldout import sequence_losses
 from moeify.train.parallelize import clip_grad_norm, local_bytes
+from moeify.train.layerwise import layerwise_errors
 from moeify.train.teacher import Teacher, distill_losses
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # token ids [B, S] and each sequence's domain index [B], on the device
@@ -48,17 +49,24 @@ def train_step(model: torch.nn.Module, blocks: list[MoEFeedForward], optimizer: 
                dtype: torch.dtype = torch.float32, measure_bytes: bool = False, teacher: Teacher | None = None) -> dict:
     """`measure_bytes` adds the bytes this rank holds for gradients (before they are freed). With a teacher
     the objective is alpha tau^2 KL + (1 - alpha) CE; `loss` stays the next-token CE (comparable with any
-    run), `distill_loss` is the objective."""
+    run), `distill_loss` is the objective. With --layerwise, `loss` is the MoE blocks' mean relative squared
+    error and `layer_loss` that error per MoE layer."""
     device = env.device
     stat = dict(dtype=torch.float64, device=device)
     alpha, tau = config.distill_alpha, config.distill_temperature
     domain_stats = torch.zeros(num_domains, 4, **stat)  # per domain: sums of sequence CE, sequences, KL, teacher CE
     moe_stats = torch.zeros(4, **stat)  # sums of balance loss, z-loss, dropped assignments, router entropy
     load = torch.zeros(len(blocks), blocks[0].block.router.num_experts if blocks else 0, **stat)
+    layer_error = torch.zeros(len(blocks) if config.layerwise else 0, **stat)  # sums over sequences
     for _ in range(accum):
         ids, domain_B = next_micro_batch()
         with autocast_for(device, dtype):
-            if teacher is None:
+            if config.layerwise:
+                error_BL = layerwise_errors(model, teacher, ids)
+                layer_error += error_BL.detach().double().sum(0)
+                seq_loss, seq_kl, seq_teacher = error_BL.mean(1), None, None
+                loss = seq_loss.mean()
+            elif teacher is None:
                 seq_loss, seq_kl, seq_teacher = sequence_losses(model, ids), None, None
                 loss = seq_loss.mean()
             else:
@@ -76,15 +84,17 @@ def train_step(model: torch.nn.Module, blocks: list[MoEFeedForward], optimizer: 
         columns = [seq_loss.detach().double(), torch.ones_like(seq_loss, **stat),
                    zeros if seq_kl is None else seq_kl.detach().double(), zeros if seq_teacher is None else seq_teacher.double()]
         domain_stats.index_add_(0, domain_B, torch.stack(columns, dim=1))
-    domain_stats, moe_stats, load = reduce_stats([domain_stats, moe_stats, load], env)
+    domain_stats, moe_stats, load, layer_error = reduce_stats([domain_stats, moe_stats, load, layer_error], env)
     grad_norm = clip_grad_norm([p for p in model.parameters() if p.grad is not None],
                                config.grad_clip if config.grad_clip > 0 else float("inf"))
-    on_device = [domain_stats, moe_stats, load, grad_norm.reshape(1).double()]
-    domain_host, moe_host, load_host, norm_host = _unflat(_flat(on_device).cpu(), on_device)  # the one transfer
+    on_device = [domain_stats, moe_stats, load, layer_error, grad_norm.reshape(1).double()]
+    domain_host, moe_host, load_host, layer_host, norm_host = _unflat(_flat(on_device).cpu(), on_device)  # the one transfer
     sequences = domain_host[:, 1].sum()
     loss_value = (domain_host[:, 0].sum() / sequences).item()
     record = {"loss": loss_value, "grad_norm": norm_host.item(), "_domain_stats": domain_host}
-    if teacher is not None:
+    if config.layerwise:
+        record["layer_loss"] = (layer_host / sequences).tolist()
+    elif teacher is not None:
         kl = (domain_host[:, 2].sum() / sequences).item()
         record.update(distill_loss=(1 - alpha) * loss_value + alpha * tau**2 * kl, kd_loss=kl,
                       teacher_ce=(domain_host[:, 3].sum() / sequences).item())

@@ -33,31 +33,31 @@ class Teacher:
     path: Path
 
 
-def teacher_path(teacher: str | None, model_dir: Path, manifest: Manifest | None, from_dense: bool) -> Path:
+def teacher_path(teacher: str | None, model_dir: Path, manifest: Manifest | None, from_dense: bool, flag: str = "--distill") -> Path:
     """--teacher, or the dense model the MoE came from (the --from-dense model itself when built online)."""
     if teacher is not None:
         return resolve_model(teacher)
     if from_dense:
         return model_dir
     if manifest is None:
-        raise MoeifyError(f"--distill: {model_dir} has no moeify.json recording its dense parent; give --teacher PATH")
+        raise MoeifyError(f"{flag}: {model_dir} has no moeify.json recording its dense parent; give --teacher PATH")
     if Path(manifest.source_path).is_dir():
         return Path(manifest.source_path)
     try:
         return resolve_model(manifest.source_model)
     except MoeifyError:
-        raise MoeifyError(f"--distill: the dense parent recorded in moeify.json ({manifest.source_path}) is gone; "
+        raise MoeifyError(f"{flag}: the dense parent recorded in moeify.json ({manifest.source_path}) is gone; "
                           "give --teacher PATH") from None
 
 
 def load_teacher(path: Path, env: DistEnv, layout: Layout, dtype: torch.dtype, vocab_size: int, data_tokenizer: str,
-                 compile: bool = False) -> Teacher:
+                 compile: bool = False, flag: str = "--distill") -> Teacher:
     dense = DenseCheckpoint(path)
     if int(dense.config.vocab_size) != vocab_size:
-        raise MoeifyError(f"--distill: the teacher {path} has a vocabulary of {dense.config.vocab_size} tokens, the student "
+        raise MoeifyError(f"{flag}: the teacher {path} has a vocabulary of {dense.config.vocab_size} tokens, the student "
                           f"{vocab_size}; give a --teacher with the student's tokenizer")
     if tokenizer_fingerprint(path) != data_tokenizer:
-        raise MoeifyError(f"--distill: the teacher {path} has another tokenizer than the data and the student; give a "
+        raise MoeifyError(f"{flag}: the teacher {path} has another tokenizer than the data and the student; give a "
                           "--teacher with the student's tokenizer")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(dense.config, dtype=torch.float32)

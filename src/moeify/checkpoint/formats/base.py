@@ -137,6 +137,11 @@ class OutputFormat:
     # embedding is also written as lm_head.weight; the config stays tied, so training keeps them one.
     explicit_lm_head: ClassVar[bool] = False
 
+    def zero_tensors(self, dense: PretrainedConfig, layer: int) -> dict[str, tuple[int, ...]]:
+        """Tensors outside the MoE block that this format's engines need and a model of `dense` lacks, written
+        as zeros (so they change nothing): on-disk key -> shape, for decoder layer `layer`."""
+        return {}
+
     def engine_limits(self, config: PretrainedConfig, layout: str = "per-expert") -> list[str]:
         """One line per inference engine that would not compute (or read) this checkpoint exactly in
         this on-disk layout (build and export print them); empty when transformers, llama.cpp and vLLM
