@@ -99,6 +99,8 @@ def moe_tensors(dense: DenseCheckpoint, plan: ConstructionPlan, fmt: OutputForma
             for name in sorted(layer_names.get(layer, [])):
                 if not is_ffn_tensor(name):
                     yield name, plan.tensor(dense, name)
+            for name, shape in fmt.zero_tensors(dense.config, layer).items():
+                yield name, torch.zeros(shape, dtype=dense.dtype())
             moe_layer = fmt.from_construction(plan.layer(dense, layer), plan.expert_size)
             yield from fmt.disk_tensors(layer, moe_layer, plan.config.router.gate, layout)
     for name in sorted(n for n in other_names if not n.startswith("model.embed")):

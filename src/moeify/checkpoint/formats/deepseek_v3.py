@@ -21,6 +21,7 @@ class DeepseekV3Style(OutputFormat):
     dense_families = ("llama", "mistral", "qwen2", "qwen3")
     disk_names = {C.ROUTER: "gate.weight", C.SELECTION_BIAS: "gate.e_score_correction_bias", **SHARED_NAMES}
     module_names = {**OutputFormat.module_names, C.SELECTION_BIAS: "gate.e_score_correction_bias", **SHARED_NAMES}
+    explicit_lm_head = True  # vLLM's Glm4Moe never ties lm_head to the embedding: without lm_head.weight it computes garbage
 
     def supports(self, dense: PretrainedConfig, features: MoEFeatures) -> str | None:
         if features.router.routing != "sigmoid-topk":

@@ -48,15 +48,24 @@ class Qwen2Moe(OutputFormat):
     module_names = {**OutputFormat.module_names, **SHARED_NAMES, C.SHARED_GATE: "shared_expert_gate.weight"}
     explicit_lm_head = True  # llama.cpp's qwen2moe requires output.weight
 
+    def zero_tensors(self, dense: PretrainedConfig, layer: int) -> dict[str, tuple[int, ...]]:
+        # vLLM's Qwen2-MoE attention always has q/k/v biases, whatever qkv_bias says, and leaves absent ones
+        # uninitialised (garbage, silently): a Llama or Mistral parent's get zero biases, and qkv_bias is true.
+        if dense.model_type == "qwen2":
+            return {}
+        heads, kv_heads, dim = dense.num_attention_heads, dense.num_key_value_heads or dense.num_attention_heads, head_dim(dense)
+        prefix = f"model.layers.{layer}.self_attn"
+        return {f"{prefix}.q_proj.bias": (heads * dim,), f"{prefix}.k_proj.bias": (kv_heads * dim,), f"{prefix}.v_proj.bias": (kv_heads * dim,)}
+
     def supports(self, dense: PretrainedConfig, features: MoEFeatures) -> str | None:
         if not features.softmax_family:
             return f"{self.architecture} routes by softmax, not {features.router.routing}"
         return qwen_attention_reason("Qwen2-MoE", dense) or super().supports(dense, features)
 
     def moe_fields(self, dense: PretrainedConfig, num_experts: int, top_k: int, expert_size: int, features: MoEFeatures) -> dict:
-        # Qwen2 always has q/k/v biases, Llama and Mistral never. intermediate_size (the dense MLP of
-        # mlp_only_layers, none here) is the dense F rather than the class default, as engines check it.
-        return {**qwen_moe_fields(num_experts, top_k, expert_size, features), "qkv_bias": dense.model_type == "qwen2",
+        # q/k/v biases always (zero for a Llama or Mistral parent: zero_tensors). intermediate_size (the dense MLP
+        # of mlp_only_layers, none here) is the dense F rather than the class default, as engines check it.
+        return {**qwen_moe_fields(num_experts, top_k, expert_size, features), "qkv_bias": True,
                 "intermediate_size": dense.intermediate_size,
                 "shared_expert_intermediate_size": features.shared_size or ZERO_SHARED_SIZE, "head_dim": head_dim(dense)}
 
