@@ -443,6 +443,8 @@ CASES = [
     Case("train-layerwise-alpha", lambda c: [*TRAIN(c), "--layerwise", "--distill-alpha", "0.5"], "--distill-alpha is read with --distill", OUT),
     Case("train-layerwise-loss-chunk", lambda c: [*TRAIN(c), "--layerwise", "--loss-chunk", "64"], "--layerwise does not run; drop --loss-chunk", OUT),
     Case("train-trainable-unknown", lambda c: [*TRAIN(c), "--trainable", "routers"], "--trainable 'routers': give one of all, moe, frozen-router", OUT),
+    Case("train-gradient-sync-one-process", lambda c: [*TRAIN(c), "--gradient-sync", "step"],
+         "--gradient-sync chooses when FSDP2 reduce-scatters; one process has no gradient communication", OUT),
     Case("train-trainable-shared-absent", lambda c: [*TRAIN(c), "--trainable", "router,shared"], "this MoE has no shared expert; drop shared", OUT),
     Case("train-read-only", lambda c: [*TRAIN(c)[:4], "--out", str(c["mnt"] / "run"), *TRAIN(c)[6:]], "Read-only file system",
          lambda c: c["mnt"] / "run", "ro"),

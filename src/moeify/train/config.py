@@ -82,6 +82,11 @@ class TrainConfig:
     loss_chunk: int = 4096
     """Positions per chunk of the output projection and cross-entropy in training, each chunk's logits
     recomputed in the backward instead of kept (0: the whole micro-batch's logits at once)."""
+    gradient_sync: Literal["micro-batch", "step"] = "micro-batch"
+    """FSDP2 with gradient accumulation: reduce-scatter the gradients after every micro-batch (sharded
+    gradients: least memory) or once per optimizer step (unsharded gradients kept between micro-batches: the
+    whole model's gradients per rank, 1/accumulation of the traffic). DDP, and HSDP across replicas, always
+    reduce once per step."""
     reshard_after_forward: bool = True
     """FSDP2: free each layer's gathered parameters after its forward (less memory) or keep them for the
     backward (one all-gather fewer per layer)."""
@@ -123,6 +128,9 @@ class TrainConfig:
     peak_tflops: float | None = None
     """Peak FLOP/s for MFU; default: a table for known GPUs, a measured fp32 matmul rate on CPU."""
     log_every: int = 1
+    count_collectives: bool = False
+    """Log each optimizer step's collectives on rank 0 (`collectives` in metrics.jsonl: calls and bytes per kind
+    and process group), to check a layout's communication."""
     export: bool = True
     """Write the final model in its stock transformers format to `out/model`."""
 

@@ -3,6 +3,7 @@
 import math
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from moeify.construct import ConstructionConfig
 from moeify.errors import MoeifyError, describe_os_error, printed_like, same_on_every_rank
 from moeify.modeling.hf import MoEFeedForward
 from moeify.train.checkpoint import save_checkpoint
+from moeify.train.collectives import CollectiveCounter
 from moeify.train.config import TrainConfig
 from moeify.train.distributed import gather_to_list
 from moeify.train.export import export_stock
@@ -78,8 +80,11 @@ def _step(run: Session, step: int) -> dict:
     """One optimizer step, its metrics logged (and the held-out evaluation when due)."""
     config = run.config
     started = time.perf_counter()
-    record = train_step(run.model, run.blocks, run.optimizer, lambda: _micro_batch(run), len(run.data.domains), config, run.env,
-                        run.accum, run.dtype, measure_bytes=step == 1, teacher=run.teacher)
+    with CollectiveCounter() if config.count_collectives else nullcontext() as counter:
+        record = train_step(run.model, run.blocks, run.optimizer, lambda: _micro_batch(run), len(run.data.domains), config, run.env,
+                            run.accum, run.dtype, measure_bytes=step == 1, teacher=run.teacher)
+    if counter is not None:
+        record["collectives"] = counter.counts
     domain_stats = record.pop("_domain_stats")
     seen = [(d, row) for d, row in zip(run.data.domains, domain_stats) if row[1] > 0]
     record["domain_loss"] = {d: (row[0] / row[1]).item() for d, row in seen}

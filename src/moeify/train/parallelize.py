@@ -11,12 +11,14 @@ FSDP2 shards every parameter on a dimension its group size divides (`even_shard`
 tensors [E, 2F, D] are not padded when there are more ranks than experts.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from moeify.errors import MoeifyError
@@ -173,6 +175,24 @@ def shard_frozen(model: nn.Module, env: DistEnv, layout: Layout, dtype: torch.dt
     for layer in model.model.layers:
         fully_shard(layer, mesh=meshes.dense, mp_policy=policy, reshard_after_forward=True, shard_placement_fn=even_shard(layout.shard))
     return model
+
+
+@contextmanager
+def gradient_reductions(model: nn.Module, last: bool, sync: str = "micro-batch") -> Iterator[None]:
+    """The gradient communication of one micro-batch's backward. DDP all-reduces and HSDP all-reduces across
+    replicas only after the step's last micro-batch (the rest accumulate locally: same memory). FSDP2
+    reduce-scatters every micro-batch with `sync="micro-batch"` (sharded gradients: least memory) or, with
+    "step", keeps unsharded gradients until the last one (the whole model's gradients unsharded; 1/accum of
+    the gradient traffic)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        with nullcontext() if last else model.no_sync():
+            yield
+        return
+    if isinstance(model, FSDPModule):
+        if sync == "step":
+            model.set_requires_gradient_sync(last)
+        model.set_requires_all_reduce(last)  # without replicas FSDP2 has no all-reduce to defer
+    yield
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:

@@ -44,6 +44,9 @@ def check_config(config: TrainConfig, env: DistEnv) -> None:
                 also = " or --layerwise" if name == "teacher" else ""
                 raise MoeifyError(f"{flag} is read with --distill{also}; add --distill or drop {flag}")
     trainable_parts(config.trainable)
+    if is_given(config, "gradient_sync", TrainConfig.gradient_sync) and (not env.distributed or config.parallel != "fsdp"):
+        where = "one process has no gradient communication" if not env.distributed else "DDP always all-reduces once per step"
+        raise MoeifyError(f"--gradient-sync chooses when FSDP2 reduce-scatters; {where}: drop --gradient-sync")
     if config.layerwise:
         if env.distributed and config.parallel != "fsdp":
             raise MoeifyError("--layerwise runs the MoE blocks on their own, which DDP cannot reduce; use --parallel fsdp")

@@ -15,7 +15,7 @@ from moeify.modeling.hf import MoEFeedForward
 from moeify.train.config import TrainConfig
 from moeify.train.distributed import DistEnv, all_reduce_sum
 from moeify.train.heldout import sequence_losses
-from moeify.train.parallelize import clip_grad_norm, local_bytes
+from moeify.train.parallelize import clip_grad_norm, gradient_reductions, local_bytes
 from moeify.train.layerwise import layerwise_errors
 from moeify.train.teacher import Teacher, distill_losses
 
@@ -44,6 +44,37 @@ def reduce_stats(tensors: list[torch.Tensor], env: DistEnv) -> list[torch.Tensor
     return _unflat(flat, tensors)
 
 
+def _micro_step(model: torch.nn.Module, blocks: list[MoEFeedForward], ids: torch.Tensor, config: TrainConfig, teacher: Teacher | None,
+                accum: int, device: torch.device, dtype: torch.dtype, moe_stats: torch.Tensor, load: torch.Tensor,
+                layer_error: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Forward and backward of one micro-batch (its gradient divided by `accum`), MoE statistics added in place.
+    Returns each sequence's loss, KL and teacher CE (fp64, detached; None where not computed)."""
+    with autocast_for(device, dtype):
+        seq_kl = seq_teacher = None
+        if config.layerwise:
+            error_BL = layerwise_errors(model, teacher, ids)
+            layer_error += error_BL.detach().double().sum(0)
+            seq_loss = error_BL.mean(1)
+            loss = seq_loss.mean()
+        elif teacher is None:
+            seq_loss = sequence_losses(model, ids)
+            loss = seq_loss.mean()
+        else:
+            objective, seq_loss, seq_kl, seq_teacher = distill_losses(model, teacher, ids, config.distill_alpha,
+                                                                      config.distill_temperature).unbind(dim=1)
+            loss = objective.mean()
+    if blocks:
+        balance, z_loss = router_losses(blocks, config.balance_loss)
+        loss = loss + config.balance_coef * balance + config.z_loss_coef * z_loss
+        moe_stats += torch.stack([balance.detach().double(), z_loss.detach().double(),
+                                  torch.stack([b.last.dropped for b in blocks]).sum().double(),
+                                  torch.stack([b.last.entropy for b in blocks]).double().mean()])
+        load += torch.stack([b.last.load_E for b in blocks]).double()
+    (loss / accum).backward()
+    detached = [None if t is None else t.detach().double() for t in (seq_loss, seq_kl, seq_teacher)]
+    return detached[0], detached[1], detached[2]
+
+
 def train_step(model: torch.nn.Module, blocks: list[MoEFeedForward], optimizer: torch.optim.Optimizer,
                next_micro_batch: Callable[[], MicroBatch], num_domains: int, config: TrainConfig, env: DistEnv, accum: int,
                dtype: torch.dtype = torch.float32, measure_bytes: bool = False, teacher: Teacher | None = None) -> dict:
@@ -58,31 +89,13 @@ def train_step(model: torch.nn.Module, blocks: list[MoEFeedForward], optimizer: 
     moe_stats = torch.zeros(4, **stat)  # sums of balance loss, z-loss, dropped assignments, router entropy
     load = torch.zeros(len(blocks), blocks[0].block.router.num_experts if blocks else 0, **stat)
     layer_error = torch.zeros(len(blocks) if config.layerwise else 0, **stat)  # sums over sequences
-    for _ in range(accum):
+    for micro in range(accum):
         ids, domain_B = next_micro_batch()
-        with autocast_for(device, dtype):
-            if config.layerwise:
-                error_BL = layerwise_errors(model, teacher, ids)
-                layer_error += error_BL.detach().double().sum(0)
-                seq_loss, seq_kl, seq_teacher = error_BL.mean(1), None, None
-                loss = seq_loss.mean()
-            elif teacher is None:
-                seq_loss, seq_kl, seq_teacher = sequence_losses(model, ids), None, None
-                loss = seq_loss.mean()
-            else:
-                objective, seq_loss, seq_kl, seq_teacher = distill_losses(model, teacher, ids, alpha, tau).unbind(dim=1)
-                loss = objective.mean()
-        if blocks:
-            balance, z_loss = router_losses(blocks, config.balance_loss)
-            loss = loss + config.balance_coef * balance + config.z_loss_coef * z_loss
-            moe_stats += torch.stack([balance.detach().double(), z_loss.detach().double(),
-                                      torch.stack([b.last.dropped for b in blocks]).sum().double(),
-                                      torch.stack([b.last.entropy for b in blocks]).double().mean()])
-            load += torch.stack([b.last.load_E for b in blocks]).double()
-        (loss / accum).backward()
+        with gradient_reductions(model, micro == accum - 1, config.gradient_sync):  # forward and backward alike
+            seq_loss, seq_kl, seq_teacher = _micro_step(model, blocks, ids, config, teacher, accum, device, dtype, moe_stats, load,
+                                                        layer_error)
         zeros = torch.zeros_like(seq_loss, **stat)
-        columns = [seq_loss.detach().double(), torch.ones_like(seq_loss, **stat),
-                   zeros if seq_kl is None else seq_kl.detach().double(), zeros if seq_teacher is None else seq_teacher.double()]
+        columns = [seq_loss, torch.ones_like(seq_loss, **stat), zeros if seq_kl is None else seq_kl, zeros if seq_teacher is None else seq_teacher]
         domain_stats.index_add_(0, domain_B, torch.stack(columns, dim=1))
     domain_stats, moe_stats, load, layer_error = reduce_stats([domain_stats, moe_stats, load, layer_error], env)
     grad_norm = clip_grad_norm([p for p in model.parameters() if p.grad is not None],
