@@ -61,3 +61,19 @@ def test_hsdp_all_reduces_across_replicas_once_per_step(tiny_moe, tiny_data, tmp
     assert across[0] > 0 and _calls(four, "all_reduce", "0,2") == across, (one[0]["collectives"], four[0]["collectives"])
     assert _calls(four, "reduce_scatter", "0,1") == [4 * n for n in _calls(one, "reduce_scatter", "0,1")]  # within a replica: as before
     torch.testing.assert_close(_losses(four), _losses(one), **OTHER_MICRO_BATCHES)
+
+
+def test_plan_memory_counts_the_unsharded_gradients_of_gradient_sync_step():
+    from transformers import LlamaConfig
+
+    from moeify.plan_memory import moe_meta_model, plan_memory
+    from moeify.train.parallelize import Layout
+    from tests.conftest import COMMON
+
+    model = moe_meta_model(LlamaConfig(**COMMON), 4, 2, 96)
+    sharded = plan_memory(model, Layout(4), seq_len=32, micro_batch=1, compute_bytes=4)
+    kept = plan_memory(model, Layout(4), seq_len=32, micro_batch=1, compute_bytes=4, gradient_sync="step")
+    assert sharded.gradients * 4 == kept.gradients == kept.total_params * 4  # a quarter each (no padding) vs the whole model
+    experts = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("gate_up_proj", "down_proj")) and ".experts." in n)
+    with_ep = plan_memory(model, Layout(4, ep=2), seq_len=32, micro_batch=1, compute_bytes=4, gradient_sync="step")
+    assert with_ep.gradients == (kept.total_params - experts // 2) * 4  # a rank gathers only its own experts

@@ -56,6 +56,8 @@ class PlanMemoryConfig:
     dtype: Literal["bf16", "fp32"] = "bf16"
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     loss_chunk: int = 4096
+    gradient_sync: Literal["micro-batch", "step"] = "micro-batch"
+    """As `train --gradient-sync`: `step` keeps each rank's gathered gradients unsharded across micro-batches."""
     json: bool = False
 
 
@@ -64,7 +66,7 @@ class MemoryPlan:
     layout: str
     total_params: int
     parameters: int  # bytes per GPU: fp32 master weights (sharded, padding included)
-    gradients: int  # fp32, sharded like the parameters
+    gradients: int  # fp32, sharded like the parameters (--gradient-sync step: unsharded, what the rank gathers)
     optimizer: int  # AdamW's two fp32 moments of the local shard (rank 0, the largest)
     communication: int  # estimate: gathered parameters (root + 2 layers) and one layer's gradients before reduce-scatter
     activations: int  # estimate: what the backward keeps, per micro-batch
@@ -108,8 +110,8 @@ def _local(shape: tuple[int, ...], layout: Layout, expert: bool) -> tuple[int, i
 
 
 def plan_memory(model: torch.nn.Module, layout: Layout, seq_len: int, micro_batch: int, compute_bytes: int,
-                activation_checkpointing: str = "none", loss_chunk: int = 4096) -> MemoryPlan:
-    padded = rank0 = total = 0
+                activation_checkpointing: str = "none", loss_chunk: int = 4096, gradient_sync: str = "micro-batch") -> MemoryPlan:
+    padded = rank0 = total = unsharded = 0
     layer_full = root_full = 0  # unsharded elements of the largest decoder layer / of the root
     layer_sizes: dict[int, int] = {}
     for name, param in model.named_parameters():
@@ -117,6 +119,7 @@ def plan_memory(model: torch.nn.Module, layout: Layout, seq_len: int, micro_batc
         p, r = _local(tuple(param.shape), layout, expert)
         padded, rank0, total = padded + p, rank0 + r, total + param.numel()
         gathered = param.numel() // (layout.ep if expert else 1)  # a rank gathers only its own experts
+        unsharded += gathered
         if name.startswith("model.layers."):
             index = int(name.split(".")[2])
             layer_sizes[index] = layer_sizes.get(index, 0) + gathered
@@ -127,7 +130,8 @@ def plan_memory(model: torch.nn.Module, layout: Layout, seq_len: int, micro_batc
     communication = (root_full + 2 * layer_full) * compute_bytes + layer_full * 4 if sharded else 0
     config = model.config
     activations = _activation_bytes(config, seq_len * micro_batch, compute_bytes, activation_checkpointing, loss_chunk)
-    plan = MemoryPlan(layout.describe(), total, padded * 4, padded * 4, rank0 * 8, communication, activations, 0)
+    gradients = unsharded * 4 if sharded and gradient_sync == "step" else padded * 4
+    plan = MemoryPlan(layout.describe(), total, padded * 4, gradients, rank0 * 8, communication, activations, 0)
     plan.total = plan.parameters + plan.gradients + plan.optimizer + plan.communication + plan.activations
     return plan
 
@@ -164,10 +168,11 @@ def run_plan_memory(config: PlanMemoryConfig) -> str:
         raise MoeifyError(f"{config.model} is not a dense model with an FFN (no intermediate_size); give the dense model")
     model = moe_meta_model(dense, config.num_experts, config.top_k, config.expert_size or dense.intermediate_size)
     plan = plan_memory(model, layout, config.seq_len, config.micro_batch, 2 if config.dtype == "bf16" else 4,
-                       config.activation_checkpointing, config.loss_chunk)
+                       config.activation_checkpointing, config.loss_chunk, config.gradient_sync)
     if config.json:
         return json.dumps(asdict(plan), indent=2)
-    rows = [("parameters (fp32)", plan.parameters), ("gradients (fp32)", plan.gradients), ("AdamW state (fp32)", plan.optimizer),
+    unsharded = "unsharded" if config.gradient_sync == "step" and config.gpus > 1 and config.parallel == "fsdp" else ""
+    rows = [("parameters (fp32)", plan.parameters), (f"gradients ({unsharded or 'fp32'})", plan.gradients), ("AdamW state (fp32)", plan.optimizer),
             ("communication buffers*", plan.communication), ("activations*", plan.activations), ("total", plan.total)]
     head = (f"{config.model} -> {config.num_experts} experts, top-{config.top_k}: {plan.total_params / 1e9:.2f}B parameters; "
             f"{config.gpus} GPUs, {plan.layout}; micro-batch {config.micro_batch} x {config.seq_len} tokens, "
