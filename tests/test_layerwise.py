@@ -1,7 +1,6 @@
 """Layer-wise distillation (`moeify train --layerwise`): each MoE block regresses its dense FFN's output."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from moeify.train.loop import train
 from moeify.train.parallelize import Layout
 from moeify.train.teacher import load_teacher
 from tests.conftest import train_config
-from tests.test_distributed import run_group
+from tests.test_distributed import STEPS, _torchrun
 
 ONE = DistEnv(0, 1, 0, torch.device("cpu"))
 
@@ -112,17 +111,10 @@ def test_resume_during_layerwise_distillation_is_exact(split_moe, tiny_data, tmp
 
 def test_fsdp2_layerwise_on_two_ranks_matches_one_rank(split_moe, tiny_data, tmp_path):
     # Each MoE block is an FSDP2 unit of its own and runs without its layer; the teacher is sharded too.
-    steps = 4
-    single = train(train_config(split_moe, tiny_data, tmp_path / "one", layerwise=True, max_tokens=8 * 32 * steps), progress=False)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "moeify", "train",
-               "--model", str(split_moe), "--data", str(tiny_data), "--out", str(tmp_path / "two"), "--batch-size", "8",
-               "--micro-batch", "2", "--max-tokens", str(8 * 32 * steps), "--lr", "3e-3", "--warmup-steps", "2", "--eval-blocks", "4",
-               "--layerwise", "--no-export"]
-    result = run_group(command, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    two = [r for r in _records(tmp_path / "two") if "layer_loss" in r]
+    single = train(train_config(split_moe, tiny_data, tmp_path / "one", layerwise=True, max_tokens=8 * 32 * STEPS), progress=False)
+    two = [r for r in _torchrun(split_moe, tiny_data, tmp_path / "two", "fsdp", "--layerwise", "--no-export") if "layer_loss" in r]
     one = [r for r in _records(tmp_path / "one") if "layer_loss" in r]
-    assert len(two) == len(one) == steps
-    for a, b in zip(two, one):
-        torch.testing.assert_close(torch.tensor(a["layer_loss"]), torch.tensor(b["layer_loss"]), rtol=2e-4, atol=1e-6)
+    assert len(two) == len(one) == STEPS
+    for a, b in zip(two, one):  # other micro-batches: the Switch loss per micro-batch is not linear (see test_distributed)
+        torch.testing.assert_close(torch.tensor(a["layer_loss"]), torch.tensor(b["layer_loss"]), rtol=1e-3, atol=1e-5)
     assert single.heldout and _records(tmp_path / "two")[-1]["heldout_loss"].keys() == single.heldout.keys()

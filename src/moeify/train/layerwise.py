@@ -11,6 +11,8 @@ or backward: a step costs one teacher forward plus the MoE blocks' forward and b
 experts covering every neuron the loss is the construction's reconstruction error, 0 for a split.
 """
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -60,6 +62,9 @@ def layerwise_errors(model: nn.Module, teacher: Teacher, ids_BS: torch.Tensor) -
     for index, block in blocks.items():
         x_BSD, y_BSD = targets.pop(index)  # freed layer by layer once the block's graph holds what it needs
         y_BSD = y_BSD.float()
-        residual_BSD = block(x_BSD).float() - y_BSD
+        with warnings.catch_warnings():  # FSDP2 warns of a view output for in-place use; it is only read here
+            warnings.filterwarnings("ignore", message=".*returned a view tensor")
+            out_BSD = block(x_BSD)
+        residual_BSD = out_BSD.float() - y_BSD
         errors.append(residual_BSD.pow(2).sum((1, 2)) / y_BSD.pow(2).sum((1, 2)).clamp_min(1e-30))
     return torch.stack(errors, dim=1)
