@@ -15,6 +15,7 @@ from moeify.checkpoint.resolve import cache_dir
 
 LLAMA_CPP_PYTHON = "0.3.36"  # its vendor/llama.cpp is what the tests convert and run with
 TARGET = "llama-perplexity"
+TOOLS = (TARGET, "llama-bench")  # built together: the tree is moved after its build, so cmake cannot add a target later
 
 
 def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -27,7 +28,7 @@ def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
 def llama_cpp() -> Path:
     """The llama.cpp tree with build/bin/llama-perplexity built (downloaded and built on first use)."""
     root = cache_dir() / f"llama.cpp-{LLAMA_CPP_PYTHON}"
-    if (root / "build" / "bin" / TARGET).exists():
+    if all((root / "build" / "bin" / name).exists() for name in TOOLS):
         return root
     cache_dir().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
@@ -40,15 +41,20 @@ def llama_cpp() -> Path:
         _run(["cmake", "-S", str(tree), "-B", str(tree / "build"), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
               "-DBUILD_SHARED_LIBS=OFF"])  # static: the tree is renamed after the build
-        _run(["cmake", "--build", str(tree / "build"), "--target", TARGET, "-j", str(os.cpu_count() or 2)])
+        _run(["cmake", "--build", str(tree / "build"), "--target", *TOOLS, "-j", str(os.cpu_count() or 2)])
         shutil.rmtree(root, ignore_errors=True)
         tree.rename(root)  # complete or absent
     return root
 
 
-def convert(root: Path, model_dir: Path, out: Path) -> Path:
-    """llama.cpp's own converter, fp32 (so the GGUF holds the checkpoint's exact values)."""
-    _run([sys.executable, str(root / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", "f32", "--outfile", str(out)])
+def tool(root: Path, name: str) -> Path:
+    """One of the built programs (TOOLS)."""
+    return root / "build" / "bin" / name
+
+
+def convert(root: Path, model_dir: Path, out: Path, outtype: str = "f32") -> Path:
+    """llama.cpp's own converter, fp32 by default (so the GGUF holds the checkpoint's exact values)."""
+    _run([sys.executable, str(root / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", outtype, "--outfile", str(out)])
     return out
 
 
