@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moeify.modeling.hf import MoEFeedForward
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -96,7 +98,7 @@ def compile_layers(model: nn.Module, backend: str = "inductor", moe_blocks_alone
     for layer in model.model.layers:
         if not moe_blocks_alone:
             layer.compile(backend=backend)
-        elif type(layer.mlp).__name__ == "MoEFeedForward":
+        elif isinstance(layer.mlp, MoEFeedForward):
             layer.mlp.compile(backend=backend)
 
 

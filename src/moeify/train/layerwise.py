@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from moeify.errors import MoeifyError
-from moeify.modeling.hf import MoEFeedForward
+from moeify.modeling.hf import moe_layers
 from moeify.train.teacher import Teacher
 
 
@@ -28,10 +28,6 @@ def check_teacher_layers(teacher: Teacher, student_config) -> None:
         raise MoeifyError(f"--layerwise: the teacher {teacher.path} has {config.num_hidden_layers} layers of width {config.hidden_size}, "
                           f"the student {student_config.num_hidden_layers} of width {student_config.hidden_size}; give the "
                           "dense model the MoE was built from as --teacher")
-
-
-def moe_blocks_by_layer(model: nn.Module) -> dict[int, MoEFeedForward]:
-    return {i: layer.mlp for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoEFeedForward)}
 
 
 @torch.no_grad()
@@ -56,7 +52,7 @@ def teacher_ffn_io(teacher: Teacher, ids_BS: torch.Tensor, layers: list[int]) ->
 
 def layerwise_errors(model: nn.Module, teacher: Teacher, ids_BS: torch.Tensor) -> torch.Tensor:
     """[B, L]: each sequence's relative squared error at each MoE layer (with gradient)."""
-    blocks = moe_blocks_by_layer(model)
+    blocks = moe_layers(model)
     targets = teacher_ffn_io(teacher, ids_BS, list(blocks))
     errors = []
     for index, block in blocks.items():

@@ -71,8 +71,7 @@ def _micro_step(model: torch.nn.Module, blocks: list[MoEFeedForward], ids: torch
                                   torch.stack([b.last.entropy for b in blocks]).double().mean()])
         load += torch.stack([b.last.load_E for b in blocks]).double()
     (loss / accum).backward()
-    detached = [None if t is None else t.detach().double() for t in (seq_loss, seq_kl, seq_teacher)]
-    return detached[0], detached[1], detached[2]
+    return tuple(None if t is None else t.detach().double() for t in (seq_loss, seq_kl, seq_teacher))
 
 
 def train_step(model: torch.nn.Module, blocks: list[MoEFeedForward], optimizer: torch.optim.Optimizer,
