@@ -152,6 +152,8 @@ CASES = [
     Case("plan-ep-not-dividing-experts", lambda c: ["plan-memory", "llama-3-8b", "--gpus", "12", "--ep", "3"], "--ep 3 must divide the 8 experts"),
     Case("plan-hsdp-not-dividing", lambda c: ["plan-memory", "llama-3-8b", "--gpus", "8", "--hsdp", "3"], "--hsdp 3 must divide the 8 ranks"),
     Case("plan-zero-gpus", lambda c: ["plan-memory", "llama-3-8b", "--gpus", "0"], "--gpus is 0; it must be at least 1"),
+    Case("plan-batch-not-multiple", lambda c: ["plan-memory", "llama-3-8b", "--gpus", "8", "--batch-size", "12"],
+         "--batch-size 12 must be a multiple of --micro-batch 1 x 8 GPUs"),
     Case("plan-ep-with-ddp", lambda c: ["plan-memory", "llama-3-8b", "--ep", "2", "--parallel", "ddp"], "use --parallel fsdp"),
     Case("inspect-missing", lambda c: ["inspect", str(c["tmp"] / "nope")], "no model at"),
     Case("inspect-zero-experts", lambda c: ["inspect", L(c), "--num-experts", "0"], "--num-experts is 0; it must be at least 1"),

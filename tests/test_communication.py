@@ -5,8 +5,13 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from moeify.modeling.hf import attach_moe_blocks
+from moeify.plan_communication import collectives
+from moeify.train.parallelize import Layout
 from tests.test_distributed import run_group
 
 STEPS = 3
@@ -26,6 +31,33 @@ def _calls(steps: list[dict], kind: str, group: str) -> list[int]:
     return [step["collectives"].get(kind, {}).get(group, [0, 0])[0] for step in steps]
 
 
+def assert_as_planned(step: dict, model_path: Path, layout: Layout, micro_batches: int, tokens: int, sync: str = "micro-batch",
+                      capacity_factor: float | None = None) -> None:
+    """`plan-memory`'s collectives against those counted in one optimizer step: calls and bytes exact for
+    parameters and gradients (a group may add small calls: routing counts, balance losses, step statistics,
+    under 1 KiB each); the all-to-all of tokens within bounds (the plan assumes T k rows a call, balanced;
+    counted is each call's input: half the calls send this rank's kept assignments, at most T k, all of them
+    when dropless; half send back what its experts received, at most CF T k with a capacity factor, ep T k
+    without); and nothing over 1 KiB a call that the plan does not list."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+        attach_moe_blocks(model)
+    counted = {(kind, group): value for kind, groups in step["collectives"].items() for group, value in groups.items()}
+    planned = collectives(model, layout, micro_batches, tokens, 4, sync)
+    assert planned
+    for entry in planned:
+        calls, size = counted.pop((entry.kind, ",".join(map(str, entry.ranks))), [0, 0])
+        if entry.exact:
+            extra = calls - entry.calls
+            assert extra >= 0 and 0 <= size - entry.bytes <= 1024 * extra, (entry, calls, size)
+        elif capacity_factor is None:
+            assert calls == entry.calls and entry.bytes / 2 < size <= (1 + layout.ep) / 2 * entry.bytes, (entry, calls, size)
+        else:
+            assert calls == entry.calls and 0 < size <= (1 + capacity_factor) / 2 * entry.bytes, (entry, calls, size)
+    for key, (calls, size) in counted.items():
+        assert size <= 1024 * calls, f"{key}: {calls} calls, {size} bytes, not in the plan"
+
+
 def _losses(steps: list[dict]) -> torch.Tensor:
     return torch.tensor([step["loss"] for step in steps])
 
@@ -41,6 +73,7 @@ def test_ddp_all_reduces_the_gradients_once_per_step(tiny_moe, tiny_data, tmp_pa
     assert len(one) == len(four) == STEPS
     assert _calls(four, "all_reduce", "0,1") == _calls(one, "all_reduce", "0,1"), (one[0]["collectives"], four[0]["collectives"])
     torch.testing.assert_close(_losses(four), _losses(one), **OTHER_MICRO_BATCHES)
+    assert_as_planned(four[-1], tiny_moe, Layout(2, parallel="ddp"), 4, 32)
 
 
 def test_fsdp2_reduce_scatters_once_per_step_with_gradient_sync_step(tiny_moe, tiny_data, tmp_path):
@@ -51,6 +84,14 @@ def test_fsdp2_reduce_scatters_once_per_step_with_gradient_sync_step(tiny_moe, t
     assert per_step[0] > 0 and _calls(once, "reduce_scatter", "0,1") == per_step
     assert _calls(every, "reduce_scatter", "0,1") == [4 * n for n in per_step]
     torch.testing.assert_close(_losses(once), _losses(every), rtol=1e-5, atol=1e-5)
+    # resumed across the change: one step reduced every micro-batch, then the rest once per step
+    _run(tiny_moe, tiny_data, tmp_path / "changed", 2, 8, 1, "--checkpoint-every", "1", "--stop-after-steps", "1")
+    changed = _run(tiny_moe, tiny_data, tmp_path / "changed", 2, 8, 1, "--resume", "--gradient-sync", "step")
+    torch.testing.assert_close(_losses(changed), _losses(every), rtol=1e-5, atol=1e-5)
+    assert _calls(changed, "reduce_scatter", "0,1")[1:] == per_step[1:]
+    assert_as_planned(one[-1], tiny_moe, Layout(2), 1, 4 * 32)
+    assert_as_planned(every[-1], tiny_moe, Layout(2), 4, 32)
+    assert_as_planned(once[-1], tiny_moe, Layout(2), 4, 32, "step")
 
 
 def test_hsdp_all_reduces_across_replicas_once_per_step(tiny_moe, tiny_data, tmp_path):
@@ -61,6 +102,7 @@ def test_hsdp_all_reduces_across_replicas_once_per_step(tiny_moe, tiny_data, tmp
     assert across[0] > 0 and _calls(four, "all_reduce", "0,2") == across, (one[0]["collectives"], four[0]["collectives"])
     assert _calls(four, "reduce_scatter", "0,1") == [4 * n for n in _calls(one, "reduce_scatter", "0,1")]  # within a replica: as before
     torch.testing.assert_close(_losses(four), _losses(one), **OTHER_MICRO_BATCHES)
+    assert_as_planned(four[-1], tiny_moe, Layout(4, hsdp=2), 4, 32)
 
 
 def test_plan_memory_counts_the_unsharded_gradients_of_gradient_sync_step():
@@ -77,3 +119,22 @@ def test_plan_memory_counts_the_unsharded_gradients_of_gradient_sync_step():
     experts = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("gate_up_proj", "down_proj")) and ".experts." in n)
     with_ep = plan_memory(model, Layout(4, ep=2), seq_len=32, micro_batch=1, compute_bytes=4, gradient_sync="step")
     assert with_ep.gradients == (kept.total_params - experts // 2) * 4  # a rank gathers only its own experts
+
+
+def test_plan_memory_puts_each_collective_on_its_link():
+    from moeify.plan_memory import PlanMemoryConfig, run_plan_memory
+
+    def plan(**settings) -> dict:
+        step = json.loads(run_plan_memory(PlanMemoryConfig("llama-3-8b", gpus=64, ep=8, batch_size=512, json=True, **settings)))["step"]
+        return step | {"by": {(c["kind"], c["group"]): c for c in step["collectives"]}}
+
+    default = plan()  # 8 micro-batches a rank; EP groups are 8 consecutive ranks (one node), expert shards stride 8
+    assert default["by"][("all_to_all", "expert parallel")]["link"] == "intra"
+    assert default["by"][("all_gather", "expert shard")]["link"] == default["by"][("reduce_scatter", "shard")]["link"] == "inter"
+    assert default["by"][("reduce_scatter", "shard")]["calls"] == 33 * 8  # 32 layers and the root, every micro-batch
+    assert default["step_s_serial"] == pytest.approx(default["compute_s"] + default["communication_s"])
+    assert default["mfu_overlapped"] > default["mfu_serial"] > 0
+    once = plan(gradient_sync="step")
+    assert once["by"][("reduce_scatter", "shard")]["calls"] == 33 and once["communication_s"] < default["communication_s"]
+    one_node = plan(gpus_per_node=64)
+    assert {c["link"] for c in one_node["collectives"]} == {"intra"} and one_node["step_s_serial"] < default["step_s_serial"]

@@ -11,6 +11,7 @@ from moeify.plan_memory import moe_meta_model, plan_memory
 from moeify.train.loop import train
 from moeify.train.parallelize import Layout
 from tests.conftest import error_lines, train_config
+from tests.test_communication import assert_as_planned
 from tests.test_distributed import run_group
 from tests.test_online import ONLINE_FLAGS, _assert_same_as_offline, _initial_weights
 
@@ -60,8 +61,10 @@ def test_expert_parallel_layouts_match_one_process(case, tiny_moe, tiny_data, tm
     single = train(train_config(tiny_moe, tiny_data, tmp_path / "one", max_tokens=8 * 32 * STEPS, micro_batch=single_micro, **settings),
                    progress=False)
     _torchrun(tmp_path / "ep", tiny_data, "--model", str(tiny_moe), "--micro-batch", "1", "--max-tokens", str(8 * 32 * STEPS),
-              *layout, *options)
+              *layout, *options, "--count-collectives")
     records = [r for r in _records(tmp_path / "ep") if "loss" in r]
+    ep, hsdp = int(layout[1]), int(layout[3]) if "--hsdp" in layout else 1
+    assert_as_planned(records[-1], tiny_moe, Layout(4, ep=ep, hsdp=hsdp), 2, 32, capacity_factor=settings.get("capacity_factor"))
     assert len(records) == STEPS
     for step, (a, b) in enumerate(zip([r["loss"] for r in records], single.losses), 1):
         assert abs(a - b) < 1e-3, f"step {step}: {a} vs {b}"

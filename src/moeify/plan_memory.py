@@ -4,7 +4,9 @@ The MoE is instantiated on the meta device from the dense config (the same forma
 trainer builds), and every parameter is sharded by the rules of train/parallelize.py: experts
 split over `--ep`, each tensor sharded by FSDP2 on the dimension `shard_dim` picks, padded as FSDP2
 pads. Parameters, gradients and AdamW state are exact (a test compares them with a real run);
-communication buffers and activations are estimates from the shapes (formulas below).
+communication buffers and activations are estimates from the shapes (formulas below). With the
+memory it prints each optimizer step's collectives, their time over the links and the step time they
+allow (plan_communication.py).
 """
 
 import json
@@ -21,7 +23,8 @@ from moeify.construct.config import check_routing
 from moeify.errors import MoeifyError
 from moeify.modeling import canonical as C
 from moeify.modeling.hf import attach_moe_blocks
-from moeify.schema import at_least, validate
+from moeify.plan_communication import GPUS, Links, describe_step, plan_step
+from moeify.schema import at_least, positive, validate
 from moeify.train.parallelize import Layout, check_experts, check_layout, shard_dim
 
 # Published configurations of dense models users upcycle (no hub is needed to plan for them).
@@ -39,7 +42,8 @@ GIB = 1024**3
 class PlanMemoryConfig:
     RANGES: ClassVar[dict] = {"num_experts": at_least(1), "top_k": at_least(1), "gpus": at_least(1), "ep": at_least(1),
                               "hsdp": at_least(1), "seq_len": at_least(1), "micro_batch": at_least(1), "expert_size": at_least(1),
-                              "loss_chunk": at_least(0)}
+                              "loss_chunk": at_least(0), "batch_size": at_least(1), "gpus_per_node": at_least(1),
+                              "intra_gbps": positive(), "inter_gbps": positive()}
     model: str
     """Dense model: a Hugging Face directory, a .gguf file, an embedded name, or llama-3-8b | llama-3-70b."""
     num_experts: int = 8
@@ -58,6 +62,16 @@ class PlanMemoryConfig:
     loss_chunk: int = 4096
     gradient_sync: Literal["micro-batch", "step"] = "micro-batch"
     """As `train --gradient-sync`: `step` keeps each rank's gathered gradients unsharded across micro-batches."""
+    batch_size: int | None = None
+    """Sequences per optimizer step over all ranks, as `train --batch-size`; default: one micro-batch a rank."""
+    reshard_after_forward: bool = True
+    gpu: Literal["h100", "h200", "a100"] = "h100"
+    """Peak FLOP/s and default link rates of the step-time estimate."""
+    gpus_per_node: int = 8
+    intra_gbps: float | None = None
+    """Gb/s a GPU sends within a node (default: the GPU's NVLink, 3600 for H100/H200, 2400 for A100)."""
+    inter_gbps: float | None = None
+    """Gb/s a GPU sends across nodes (default: one NIC a GPU, 400 for H100/H200, 200 for A100)."""
     json: bool = False
 
 
@@ -166,11 +180,16 @@ def run_plan_memory(config: PlanMemoryConfig) -> str:
     dense = _dense_config(config.model)
     if not hasattr(dense, "intermediate_size"):
         raise MoeifyError(f"{config.model} is not a dense model with an FFN (no intermediate_size); give the dense model")
+    micro_batches = _micro_batches(config)
     model = moe_meta_model(dense, config.num_experts, config.top_k, config.expert_size or dense.intermediate_size)
     plan = plan_memory(model, layout, config.seq_len, config.micro_batch, 2 if config.dtype == "bf16" else 4,
                        config.activation_checkpointing, config.loss_chunk, config.gradient_sync)
+    rates = GPUS[config.gpu]
+    links = Links(config.gpu, config.gpus_per_node, config.intra_gbps or rates["intra_gbps"], config.inter_gbps or rates["inter_gbps"])
+    step = plan_step(model, layout, config.micro_batch, config.seq_len, micro_batches, config.dtype, links, config.gradient_sync,
+                     config.reshard_after_forward, config.activation_checkpointing)
     if config.json:
-        return json.dumps(asdict(plan), indent=2)
+        return json.dumps({**asdict(plan), "step": asdict(step), "links": asdict(links)}, indent=2)
     unsharded = "unsharded" if config.gradient_sync == "step" and config.gpus > 1 and config.parallel == "fsdp" else ""
     rows = [("parameters (fp32)", plan.parameters), (f"gradients ({unsharded or 'fp32'})", plan.gradients), ("AdamW state (fp32)", plan.optimizer),
             ("communication buffers*", plan.communication), ("activations*", plan.activations), ("total", plan.total)]
@@ -179,4 +198,15 @@ def run_plan_memory(config: PlanMemoryConfig) -> str:
             f"activation checkpointing {config.activation_checkpointing}")
     lines = [head, *(f"  {label:<24}{value / GIB:9.2f} GiB" for label, value in rows),
              "  * estimates from the shapes (see moeify/plan_memory.py); the rest is exact"]
-    return "\n".join(lines)
+    return "\n".join(lines + describe_step(step, links, config.dtype, micro_batches))
+
+
+def _micro_batches(config: PlanMemoryConfig) -> int:
+    """Micro-batches a rank runs per optimizer step (every rank, EP included, takes its own sequences)."""
+    if config.batch_size is None:
+        return 1
+    per_step = config.micro_batch * config.gpus
+    if config.batch_size % per_step:
+        raise MoeifyError(f"--batch-size {config.batch_size} must be a multiple of --micro-batch {config.micro_batch} "
+                          f"x {config.gpus} GPUs; choose a multiple of {per_step}")
+    return config.batch_size // per_step
