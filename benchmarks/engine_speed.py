@@ -1,5 +1,5 @@
 """The inference payoff in the engines: prompt-processing and decode tokens/s of a dense model and its MoEs in
-llama.cpp (llama-bench) and vLLM (CPU build), bf16, same machine, same run.
+llama.cpp (llama-bench, bf16) and vLLM (CPU build, bf16 and fp32), same machine, same run.
 
 Shapes: SmolLM2-135M (its real weights; MoEs: upcycled 8 x top-2, carve 50% active = 12 experts top-4 + a
 shared quarter, LLaMA-MoE's random split 8 x top-2) and a ~1B Llama (random weights, 16 layers of 2048,
@@ -8,10 +8,16 @@ FFN 8192, SmolLM2's tokenizer; MoEs: the random split 8 x top-2 and the carve's 
 out: 8 copies of the FFN make 6.5B parameters (13 GB in bf16, twice over as HF and GGUF files), more than this
 machine's memory takes beside vLLM. Threads: all cores. The engines come from the tests' helpers
 (tests/llama_cpp.py, tests/vllm_engine.py: built / installed and cached on first use).
-Usage: python benchmarks/engine_speed.py [--shapes smollm2,1b] [--engines llama.cpp,vllm] [--reps 2]
+vLLM runs bf16 (`vllm`) and fp32 (`vllm-fp32`): on a CPU without AMX, torch's bf16 matmul, which vLLM's dense
+layers fall back to when its oneDNN handler cannot be built, runs 5-8x below its fp32 one, while the experts
+run in vLLM's own fused-MoE kernel (benchmarks/cpu_matmul_dtype.py); fp32 compares dense and MoE on equal
+kernels there.
+A run keeps the figures of the shapes and engines it does not run.
+Usage: python benchmarks/engine_speed.py [--shapes smollm2,1b] [--engines llama.cpp,vllm,vllm-fp32] [--reps 2]
 """
 
 import argparse
+import datetime
 import json
 import os
 import subprocess
@@ -71,9 +77,9 @@ def _llama_cpp_speed(model: Path, gguf: Path, reps: int) -> dict[str, float]:
     return {("prompt_tokens_per_s" if row["n_gen"] == 0 else "decode_tokens_per_s"): row["avg_ts"] for row in rows}
 
 
-def _vllm_speed(model: Path, reps: int) -> dict[str, float]:
+def _vllm_speed(model: Path, reps: int, dtype: str = "bfloat16") -> dict[str, float]:
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING"}
-    result = subprocess.run([str(vllm_python()), str(WORKER), str(model), str(PROMPT), str(PROMPTS), str(NEW_TOKENS), str(reps)],
+    result = subprocess.run([str(vllm_python()), str(WORKER), str(model), str(PROMPT), str(PROMPTS), str(NEW_TOKENS), str(reps), dtype],
                             capture_output=True, text=True, env=env)
     line = next((r for r in result.stdout.splitlines() if r.startswith("VLLM-SPEED ")), None)
     if line is None:
@@ -84,24 +90,34 @@ def _vllm_speed(model: Path, reps: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="smollm2,1b")
-    parser.add_argument("--engines", default="llama.cpp,vllm")
+    parser.add_argument("--engines", default="llama.cpp,vllm,vllm-fp32")
     parser.add_argument("--reps", type=int, default=2)
     args = parser.parse_args()
     root = cache_dir() / "bench"
-    results: dict = {"settings": {"prompt_tokens": PROMPT, "vllm_prompts": PROMPTS, "new_tokens": NEW_TOKENS, "reps": args.reps,
-                                  "threads": os.cpu_count(), "dtype": "bf16"}, "shapes": {}}
-    for shape in args.shapes.split(","):
-        rows = results["shapes"][shape] = {}
-        for name, model in _models(shape, root).items():
-            rows[name] = {}
-            if "llama.cpp" in args.engines:
-                rows[name]["llama.cpp"] = _llama_cpp_speed(model, root / f"{shape}-{model.name}.bf16.gguf", args.reps)
-            if "vllm" in args.engines:
-                rows[name]["vllm"] = _vllm_speed(model, args.reps)
-            print(shape, name, json.dumps(rows[name]), flush=True)
     out = Path(__file__).parent / "results" / "engine_speed.json"
+    results: dict = {"settings": {"prompt_tokens": PROMPT, "vllm_prompts": PROMPTS, "new_tokens": NEW_TOKENS,
+                                  "threads": os.cpu_count(), "dtype": "llama.cpp and vllm: bf16; vllm-fp32: fp32"}, "shapes": {}, "runs": {}}
+    if out.exists():  # the shapes not run this time keep their figures
+        previous = json.loads(out.read_text())
+        results["shapes"] |= previous.get("shapes", {})
+        results["runs"] |= previous.get("runs", {})
+    engines = args.engines.split(",")
+    for shape in args.shapes.split(","):
+        rows = results["shapes"].setdefault(shape, {})
+        for engine in engines:
+            results["runs"].setdefault(shape, {})[engine] = {"date": datetime.date.today().isoformat(), "reps": args.reps}
+        for name, model in _models(shape, root).items():
+            row = rows.setdefault(name, {})
+            if "llama.cpp" in engines:
+                row["llama.cpp"] = _llama_cpp_speed(model, root / f"{shape}-{model.name}.bf16.gguf", args.reps)
+            if "vllm" in engines:
+                row["vllm"] = _vllm_speed(model, args.reps)
+            if "vllm-fp32" in engines:
+                row["vllm-fp32"] = _vllm_speed(model, args.reps, "float32")
+            print(shape, name, json.dumps(rows[name]), flush=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    for shape, rows in results["shapes"].items():
+    for shape in args.shapes.split(","):
+        rows = results["shapes"][shape]
         dense = rows["dense"]
         print(f"\n{shape}: tokens/s (x dense)")
         for name, engines in rows.items():

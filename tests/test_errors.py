@@ -120,3 +120,40 @@ def test_failure_midway_leaves_nothing(tiny_models, tmp_path, monkeypatch, capsy
     _fails(capsys, _build(tiny_models["llama"], tmp_path / "out"), "disk full")  # an OSError becomes one line, exit 2
     _nothing_written(tmp_path / "out")
     assert calls["n"] == 3  # the failure happened mid-write, not before it
+
+
+def test_a_temporary_left_by_a_killed_build_is_removed_by_the_next(tiny_models, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path / "moe"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    left = [tmp_path / f".moe.tmp-{dead}", tmp_path / f".moe.tmp-{socket.gethostname()}-{dead}"]  # before and after host names
+    elsewhere = tmp_path / ".moe.tmp-another-host-1"  # a process of another machine sharing the disk: not ours to judge
+    for directory in (*left, elsewhere):
+        directory.mkdir()
+        (directory / "model-00001.safetensors").write_bytes(b"half")
+    assert main(_build(tiny_models["llama"], out, "--method", "upcycle", "--experts", "2", "--top-k", "1")) == 0
+    assert (out / "config.json").is_file() and not any(path.exists() for path in left) and elsewhere.is_dir()
+    assert not list(tmp_path.glob(f".moe.tmp-{socket.gethostname()}-*"))
+
+
+@pytest.mark.slow
+def test_sigterm_during_build_leaves_nothing(tmp_path):
+    """SmolLM2's random split (a few seconds of writing): SIGTERM once its temporary exists."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "moe"
+    process = subprocess.Popen([sys.executable, "-m", "moeify", "build", "--model", "smollm2-135m", "--out", str(out), "--method",
+                                "random-split", "--experts", "8", "--top-k", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None and not list(tmp_path.glob(".moe.tmp-*")):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143 and stderr.strip().endswith("moeify: terminated"), stderr[-2000:]
+    _nothing_written(out)

@@ -49,6 +49,32 @@ def test_resume_continues_with_identical_losses(tiny_moe, tiny_data, tmp_path):
     assert kept == ["step-000009", "step-000012"]  # keep_checkpoints=2
 
 
+def test_resume_skips_a_damaged_checkpoint_and_logs_each_step_once(tiny_moe, tiny_data, tmp_path, capsys):
+    settings = dict(checkpoint_every=3, noisy_gate=True)
+    full = train(train_config(tiny_moe, tiny_data, tmp_path / "full", **settings), progress=False)
+    out = tmp_path / "split"
+    train(train_config(tiny_moe, tiny_data, out, **settings), progress=False, stop_after_steps=8)  # checkpoints 6 and 8 kept
+    newest = out / "checkpoints" / "step-000008"
+    shard = max((newest / "dcp").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[:-100])  # a file cut short, as by a full disk or a copy stopped midway
+    capsys.readouterr()
+    resumed = train(train_config(tiny_moe, tiny_data, out, resume=True, **settings), progress=False)
+    note = capsys.readouterr().err
+    assert f"checkpoint {newest} is damaged (dcp/{shard.name} has" in note and "kept as damaged-step-000008; resuming from step-000006" in note
+    assert (out / "checkpoints" / "damaged-step-000008").is_dir()  # kept, never resumed from
+    assert resumed.losses == pytest.approx(full.losses[6:], abs=1e-6)  # from step 6's checkpoint
+    steps = [r["step"] for r in _metrics(out) if "loss" in r]
+    assert steps == list(range(1, 13))  # steps 7 and 8 ran twice and are logged once
+
+
+def test_resume_with_every_checkpoint_damaged_names_the_fix(tiny_moe, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    train(train_config(tiny_moe, tiny_data, out, checkpoint_every=2, keep_checkpoints=1), progress=False, stop_after_steps=2)
+    (out / "checkpoints" / "step-000002" / "trainer.json").write_text('{"step": 2, "tok')
+    with pytest.raises(MoeifyError, match=r"--resume: no intact checkpoint in .*; start afresh with --force"):
+        train(train_config(tiny_moe, tiny_data, out, resume=True), progress=False)
+
+
 def test_sigkill_during_checkpoint_save_leaves_previous_checkpoint_resumable(tiny_moe, tiny_data, tmp_path):
     out = tmp_path / "run"
     config = ["--model", str(tiny_moe), "--data", str(tiny_data), "--out", str(out), "--batch-size", "8", "--micro-batch", "4",
@@ -70,6 +96,25 @@ def test_sigkill_during_checkpoint_save_leaves_previous_checkpoint_resumable(tin
     resumed = train(train_config(tiny_moe, tiny_data, out, max_tokens=8 * 32 * 400, resume=True, checkpoint_every=1,
                                  keep_checkpoints=3), progress=False, stop_after_steps=1)
     assert resumed.steps == int(complete[-1].name.split("-")[1]) + 1
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_says_how_to_resume(tiny_moe, tiny_data, tmp_path):
+    """As a scheduler (Slurm, Kubernetes) stops a job: SIGTERM, then SIGKILL some seconds later."""
+    out = tmp_path / "run"
+    config = ["--model", str(tiny_moe), "--data", str(tiny_data), "--out", str(out), "--batch-size", "8", "--micro-batch", "4",
+              "--max-tokens", str(8 * 32 * 400), "--no-export"]
+    process = subprocess.Popen([sys.executable, "-m", "moeify", "train", *config], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(_metrics(out)) >= 3):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr[-2000:]
+    step = max(r["step"] for r in _metrics(out))
+    assert 2 <= step < 400 and (out / "checkpoints" / f"step-{step:06d}").is_dir()
+    assert f"stopped by SIGTERM after step {step}, checkpointed; continue with --resume --out {out}" in stdout
+    resumed = train(train_config(tiny_moe, tiny_data, out, max_tokens=8 * 32 * 400, resume=True), progress=False, stop_after_steps=1)
+    assert resumed.steps == step + 1
 
 
 def test_capacity_factor_one_drops_tokens_and_dropless_none(tiny_moe, tiny_data, tmp_path):

@@ -6,7 +6,9 @@ where the verb takes one, gives values that flags override; types are checked by
 
 import argparse
 import dataclasses
+import signal
 import sys
+import threading
 import typing
 from dataclasses import dataclass, field
 from importlib import import_module
@@ -193,6 +195,25 @@ def main(argv: list[str] | None = None) -> int:
         return stop.code if isinstance(stop.code, int) else 2
     verb: Verb = args.verb
     _quiet_transformers()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    try:
+        return _run_verb(verb, args)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler stopping the job, `kill`): unwinds like Ctrl-C, so nothing half-written is left.
+    `train` finishes its step and checkpoints instead (train/loop.py)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def _run_verb(verb: "Verb", args: argparse.Namespace) -> int:
     try:
         schema = _load(verb.schema)
         try:
@@ -209,8 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # no space, read-only, permission: nothing half-written is left (outputs are atomic)
         _print_error(describe_os_error(error), error)
         return 2
-    except KeyboardInterrupt:
-        print("moeify: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        terminated = isinstance(stop, Terminated)
+        print(f"moeify: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     return 0
 

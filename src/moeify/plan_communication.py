@@ -27,14 +27,16 @@ import torch
 
 from moeify.errors import MoeifyError
 from moeify.modeling.hf import MoEFeedForward
+from moeify.train.metrics import GPU_PEAK_TFLOPS, active_matmul_params, flops_per_token
 from moeify.train.parallelize import EXPERT_PARAMS, Layout, shard_dim
 
-# Dense bf16 and TF32 tensor-core peaks (TFLOP/s, SXM parts) and per-GPU link line rates (Gb/s, one direction):
-# NVLink 4 (H100, H200) 450 GB/s, NVLink 3 (A100) 300 GB/s; one 400 Gb/s NDR (200 Gb/s HDR for A100) NIC a GPU.
+# Dense bf16 (train/metrics.py) and TF32 tensor-core peaks (TFLOP/s, SXM parts) and per-GPU link line rates (Gb/s,
+# one direction): NVLink 4 (H100, H200) 450 GB/s, NVLink 3 (A100) 300 GB/s; one 400 Gb/s NDR (200 Gb/s HDR for
+# A100) NIC a GPU.
 GPUS = {
-    "h100": dict(bf16=989.0, fp32=494.7, intra_gbps=3600.0, inter_gbps=400.0),
-    "h200": dict(bf16=989.0, fp32=494.7, intra_gbps=3600.0, inter_gbps=400.0),
-    "a100": dict(bf16=312.0, fp32=156.0, intra_gbps=2400.0, inter_gbps=200.0),
+    "h100": dict(bf16=GPU_PEAK_TFLOPS["H100"], fp32=494.7, intra_gbps=3600.0, inter_gbps=400.0),
+    "h200": dict(bf16=GPU_PEAK_TFLOPS["H200"], fp32=494.7, intra_gbps=3600.0, inter_gbps=400.0),
+    "a100": dict(bf16=GPU_PEAK_TFLOPS["A100"], fp32=156.0, intra_gbps=2400.0, inter_gbps=200.0),
 }
 LINK_FACTOR = {"all_gather": 1.0, "reduce_scatter": 1.0, "all_reduce": 2.0, "all_to_all": 1.0}
 
@@ -144,21 +146,6 @@ def collectives(model: torch.nn.Module, layout: Layout, micro_batches: int, toke
     return list(found.values())
 
 
-def active_parameters(model: torch.nn.Module) -> int:
-    """Parameters a token's matmuls touch: all but the input embedding (a lookup) and the experts a token
-    does not choose (k of E); the output head counts, tied or not."""
-    config = model.config
-    experts = config.num_experts_per_tok / (getattr(config, "num_local_experts", None) or config.num_experts)
-    active = 0.0
-    for name, param in model.named_parameters():
-        if name == "model.embed_tokens.weight":
-            continue
-        active += param.numel() * (experts if name.endswith(EXPERT_PARAMS) and ".experts." in name else 1)
-    if getattr(config, "tie_word_embeddings", False):
-        active += model.model.embed_tokens.weight.numel()
-    return int(active)
-
-
 def plan_step(model: torch.nn.Module, layout: Layout, micro_batch: int, seq_len: int, micro_batches: int, dtype: str,
               links: Links, gradient_sync: str = "micro-batch", reshard_after_forward: bool = True,
               activation_checkpointing: str = "none") -> StepPlan:
@@ -173,12 +160,9 @@ def plan_step(model: torch.nn.Module, layout: Layout, micro_batch: int, seq_len:
         rate = (links.intra_gbps if one_node else links.inter_gbps) * 1e9 / 8
         share = (len(entry.ranks) - 1) / len(entry.ranks)
         entry.seconds = LINK_FACTOR[entry.kind] * share * entry.bytes / rate
-    config = model.config
-    heads_dim = config.num_attention_heads * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
-    active = active_parameters(model)
     step_tokens = tokens * micro_batches
-    model_flops = step_tokens * (6 * active + 12 * config.num_hidden_layers * heads_dim * seq_len)
-    hardware_flops = model_flops + (step_tokens * 2 * active if activation_checkpointing != "none" else 0)
+    model_flops = step_tokens * flops_per_token(model, seq_len)
+    hardware_flops = model_flops + (step_tokens * 2 * active_matmul_params(model) if activation_checkpointing != "none" else 0)
     peak = GPUS[links.gpu][dtype] * 1e12
     compute = hardware_flops / peak
     communication = sum(entry.seconds for entry in found)

@@ -6,14 +6,18 @@
 - An existing non-empty output is replaced only with --force, and only if moeify wrote it: a directory
   holding moeify's marker file (or, from before the marker, an MoE manifest or a training run's first
   files), a file that the verb recognises as its own. Anything else is the user's and is never deleted.
-- Directories are written into a hidden sibling and renamed when complete; files likewise.
+- Directories are written into a hidden sibling and renamed when complete; files likewise. The sibling
+  names this host and process: one left by a process killed outright (SIGKILL) is removed by the next
+  write of the same output on the same host.
 - Names that become path components (domains, experiment arms) are single plain components.
 """
 
 import contextvars
 import json
 import os
+import re
 import shutil
+import socket
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -112,7 +116,7 @@ def safe_name(name: str, what: str) -> str:
 
 def _replace(tmp: Path, out: Path) -> None:
     if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        old = out.parent / f".{out.name}.old-{socket.gethostname()}-{os.getpid()}"
         out.rename(old)
         tmp.rename(out)
         if old.is_dir():
@@ -121,6 +125,31 @@ def _replace(tmp: Path, out: Path) -> None:
             old.unlink()
     else:
         tmp.rename(out)
+
+
+def _temporary(out: Path) -> Path:
+    """The hidden sibling `out` is written into; those of processes of this host that no longer run are removed."""
+    host = socket.gethostname()
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.tmp-(?:(?P<host>.+)-)?(?P<pid>\d+)")  # not .old-: a replaced output
+    if out.parent.is_dir():
+        for sibling in out.parent.iterdir():
+            found = pattern.fullmatch(sibling.name)
+            if found and found["host"] in (None, host) and not _running(int(found["pid"])):
+                if sibling.is_dir() and not sibling.is_symlink():
+                    shutil.rmtree(sibling, ignore_errors=True)
+                else:
+                    sibling.unlink(missing_ok=True)
+    return out.parent / f".{out.name}.tmp-{host}-{os.getpid()}"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @contextmanager
@@ -132,7 +161,7 @@ def atomic_directory(out: Path, force: bool = False, reads: Iterable[Path | str 
     if not cache:
         check_output(out, force, reads, flag)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = _temporary(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -153,7 +182,7 @@ def atomic_file(out: Path, force: bool, reads: Iterable[Path | str | None], ours
     out = Path(out)
     check_output(out, force, reads, flag, ours)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = _temporary(out)
     try:
         yield tmp
         check_output(out, force, reads, flag, ours)

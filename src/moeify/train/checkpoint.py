@@ -4,16 +4,22 @@ out/checkpoints/step-000120/
   dcp/                model and optimizer state (one file per rank)
   trainer.json        step, tokens, scheduler, sampler position and domain weights, model identity
   rng-rank{R}.pt      each rank's torch RNG state
+  manifest.json       every other file's size and BLAKE2b digest, written last
 DCP stores every tensor whole (global shapes), so a run resumes under another layout: other
 numbers of ranks, FSDP2, HSDP or expert parallelism.
 A checkpoint is written to `.step-000120.tmp` and renamed when every rank has finished, so a
 crash during a save leaves the previous checkpoints intact; only the newest `keep` are kept. A
 write that fails on any rank stops every rank with that rank's reason (no rank waits on the others).
+`--resume` checks the newest checkpoint against its manifest (the ranks share the reading) and, if a
+file is missing, short or changed, renames it `damaged-step-…` and resumes from the newest intact one,
+with a note naming both.
 """
 
 import errno
+import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -26,6 +32,7 @@ from moeify.errors import MoeifyError, same_on_every_rank
 from moeify.train.distributed import DistEnv, gather_to_list
 
 CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
 
 
 def checkpoint_root(out: Path) -> Path:
@@ -59,9 +66,18 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, trainer_s
         except (OSError, CheckpointException, RuntimeError) as failure:
             error = _os_error(failure, tmp)
         error = _agreed_error(error, env)
+    manifest = {}
+    if error is None:
+        try:
+            manifest = _file_digests(tmp, env)
+        except OSError as failure:
+            error = failure
+        error = _agreed_error(error, env)
     if error is None and env.is_main:
         try:
             (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+            manifest |= _file_digests(tmp, env, only=["trainer.json"])
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
         except OSError as failure:
@@ -75,6 +91,71 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, trainer_s
             shutil.rmtree(tmp, ignore_errors=True)
         raise error
     return final
+
+
+def _digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "blake2b").hexdigest()
+
+
+def _file_digests(directory: Path, env: DistEnv, only: list[str] | None = None) -> dict[str, list]:
+    """{path relative to `directory`: [size, digest]} of its files (or of `only`, on this rank alone); the ranks
+    read a share each (file i on rank i mod world), then exchange them."""
+    if only is not None:
+        return {name: [(directory / name).stat().st_size, _digest(directory / name)] for name in only}
+    files = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    mine = {name: [(directory / name).stat().st_size, _digest(directory / name)] for i, name in enumerate(files) if i % env.world_size == env.rank}
+    merged: dict[str, list] = {}
+    for part in gather_to_list(mine, env):
+        merged |= part
+    return merged
+
+
+def damage(path: Path, env: DistEnv) -> str | None:
+    """Why the checkpoint at `path` cannot be resumed from (a file missing, short or changed; an unreadable
+    manifest or trainer state), or None. A checkpoint written before manifests existed is taken as it is."""
+    problem = None
+    try:
+        json.loads((path / "trainer.json").read_text())
+        expected = json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).exists() else {}
+    except OSError as failure:
+        problem, expected = f"{Path(failure.filename or MANIFEST).name} is unreadable ({failure.strerror})", {}
+    except ValueError:
+        problem, expected = "trainer.json or manifest.json is cut short or not JSON", {}
+    for i, (name, (size, digest)) in enumerate(sorted(expected.items())):
+        if problem is not None:
+            break
+        if i % env.world_size != env.rank:
+            continue
+        file = path / name
+        if not file.is_file():
+            problem = f"{name} is missing"
+        elif file.stat().st_size != size:
+            problem = f"{name} has {file.stat().st_size} bytes, {size} were written"
+        elif _digest(file) != digest:
+            problem = f"{name} has changed since it was written"
+    return next((found for found in gather_to_list(problem, env) if found is not None), None)
+
+
+def resumable_checkpoint(out: Path, env: DistEnv) -> Path:
+    """The newest intact checkpoint; damaged newer ones are renamed `damaged-step-…` (kept, never resumed),
+    and a note names them and the one resumed from."""
+    damaged = []
+    for path in reversed(complete_checkpoints(out)):
+        problem = damage(path, env)
+        if problem is None:
+            if damaged and env.is_main:
+                print(f"moeify: note: {'; '.join(damaged)}; resuming from {path.name}", file=sys.stderr)
+            return path
+        kept = path.with_name(f"damaged-{path.name}")
+        if env.is_main:
+            shutil.rmtree(kept, ignore_errors=True)
+            path.rename(kept)
+        if env.distributed:
+            gather_to_list(None, env)  # every rank sees the rename before looking again
+        damaged.append(f"checkpoint {path} is damaged ({problem}), kept as {kept.name}")
+    raise MoeifyError(f"--resume: no intact checkpoint in {checkpoint_root(out)} ({'; '.join(damaged) or 'none'}); "
+                      "start afresh with --force")
 
 
 def _agreed_error(error: OSError | None, env: DistEnv) -> OSError | None:

@@ -33,6 +33,8 @@ def run_train(command: TrainCommand) -> str | None:
     shutdown_distributed()
     if not result.is_main:
         return None
+    if result.stopped_by_signal:
+        return f"stopped by SIGTERM after step {result.steps}, checkpointed; continue with --resume --out {result.out}"
     if not result.finished:
         return f"stopped at step {result.steps}; continue with --resume --out {result.out}"
     where = result.model_dir or f"{result.out / 'checkpoints'} (not exported)"

@@ -1,7 +1,9 @@
 """`moeify train`: continual pre-training of a dense or MoE model on domain-weighted packed data."""
 
 import math
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -34,6 +36,7 @@ class TrainResult:
     model_dir: Path | None = None
     finished: bool = False  # the whole token budget was trained
     is_main: bool = True  # this process is rank 0
+    stopped_by_signal: bool = False  # SIGTERM: the step finished and checkpointed
 
 
 def train(config: TrainConfig, construction: ConstructionConfig | None = None, progress: bool = True,
@@ -47,11 +50,14 @@ def train(config: TrainConfig, construction: ConstructionConfig | None = None, p
         run.last_checkpoint = _checkpoint(run, 0)
     bar = tqdm(total=run.steps, initial=run.start_step, desc="train", unit="step", disable=not (progress and run.env.is_main),
                file=sys.stderr)
+    terminated = threading.Event()
+    previous = _on_sigterm(lambda *_: terminated.set())
     try:
         for step in range(run.start_step + 1, end_step + 1):
             try:
-                record = _step(run, step)
-                if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == end_step:
+                record = _step(run, step, terminated.is_set())
+                result.stopped_by_signal = record["_stop"] and step < run.steps
+                if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == end_step or result.stopped_by_signal:
                     run.last_checkpoint = _checkpoint(run, step)
             except OSError as error:
                 where = f"{run.last_checkpoint} is complete: continue with --resume" if run.last_checkpoint else "no checkpoint was completed"
@@ -62,7 +68,10 @@ def train(config: TrainConfig, construction: ConstructionConfig | None = None, p
             result.steps = step
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if result.stopped_by_signal:
+                break
     finally:  # the bar ends its line before any error message
+        _on_sigterm(previous)
         bar.close()
         run.logger.close()
     result.finished = result.steps == run.steps
@@ -76,15 +85,25 @@ def train(config: TrainConfig, construction: ConstructionConfig | None = None, p
     return result
 
 
-def _step(run: Session, step: int) -> dict:
-    """One optimizer step, its metrics logged (and the held-out evaluation when due)."""
+def _on_sigterm(handler):
+    """Install `handler` for SIGTERM (a scheduler's notice before it kills the job: Slurm, Kubernetes, torchrun
+    passing it on); returns the one it replaces. Only the main thread may: elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread() or handler is None:
+        return None
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _step(run: Session, step: int, stop_requested: bool = False) -> dict:
+    """One optimizer step, its metrics logged (and the held-out evaluation when due). `_stop` in the record:
+    some rank got SIGTERM before this step's statistics were reduced, so every rank stops after it."""
     config = run.config
     started = time.perf_counter()
     with CollectiveCounter() if config.count_collectives else nullcontext() as counter:
         record = train_step(run.model, run.blocks, run.optimizer, lambda: _micro_batch(run), len(run.data.domains), config, run.env,
-                            run.accum, run.dtype, measure_bytes=step == 1, teacher=run.teacher)
+                            run.accum, run.dtype, measure_bytes=step == 1, teacher=run.teacher, stop_requested=stop_requested)
     if counter is not None:
         record["collectives"] = counter.counts
+    stop = record.pop("_stop")
     domain_stats = record.pop("_domain_stats")
     seen = [(d, row) for d, row in zip(run.data.domains, domain_stats) if row[1] > 0]
     record["domain_loss"] = {d: (row[0] / row[1]).item() for d, row in seen}
@@ -119,6 +138,7 @@ def _step(run: Session, step: int) -> dict:
         if run.env.device.type == "cuda":
             record["peak_device_memory_mb"] = gather_to_list(round(peak_device_memory_mb(run.env.device), 1), run.env)
         run.logger.log(record)
+    record["_stop"] = stop
     return record
 
 

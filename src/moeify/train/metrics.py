@@ -82,13 +82,21 @@ def measured_matmul_flops(size: int = 1024) -> float:
 class MetricsLogger:
     """Rank 0 writes one JSON object per line to metrics.jsonl and scalars to TensorBoard."""
 
-    def __init__(self, out: Path, enabled: bool, append: bool):
+    def __init__(self, out: Path, enabled: bool, append: bool, after_step: int = 0):
+        """`append` (a resumed run) keeps the records up to `after_step`, the step resumed from: those of
+        steps run after its checkpoint, before the run stopped, are run again and logged again."""
         self.enabled = enabled
         self._file = None
         self._tb = None
         if not enabled:
             return
-        self._file = open(out / "metrics.jsonl", "a" if append else "w")
+        path = out / "metrics.jsonl"
+        if append and path.exists():
+            kept = [line for line in path.read_text().splitlines(keepends=True) if _step_of(line) <= after_step]
+            temporary = path.with_name(".metrics.jsonl.tmp")
+            temporary.write_text("".join(kept))
+            temporary.replace(path)
+        self._file = open(path, "a" if append else "w")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -112,6 +120,14 @@ class MetricsLogger:
             self._file.close()
         if self._tb:
             self._tb.close()
+
+
+def _step_of(line: str) -> float:
+    """A metrics line's step; a line cut short by a kill counts as after every step (dropped)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return float("inf")
 
 
 def _flatten(record: dict, prefix: str = "") -> dict:

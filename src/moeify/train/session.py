@@ -28,7 +28,7 @@ from moeify.modeling.chunked_loss import install_chunked_loss
 from moeify.modeling.hf import MoEFeedForward, hold_scale_as_multiplier
 from moeify.modeling.load import load_moe_model
 from moeify.schema import is_given
-from moeify.train.checkpoint import complete_checkpoints, load_checkpoint
+from moeify.train.checkpoint import complete_checkpoints, load_checkpoint, resumable_checkpoint
 from moeify.train.config import TrainConfig
 from moeify.train.distributed import (
     DistEnv,
@@ -170,9 +170,10 @@ def open_session(config: TrainConfig, construction: ConstructionConfig | None = 
         dynamic = DynamicWeights(reference_losses(config, model_dir, data, env), config.dynamic, config.dynamic_eta)
 
     identity = _identity(model_config, data, config)
-    start_step, tokens_seen = 0, 0
+    start_step, tokens_seen, resumed_from = 0, 0, None
     if config.resume:
-        state = load_checkpoint(complete_checkpoints(out)[-1], model, optimizer, env, identity)
+        resumed_from = resumable_checkpoint(out, env)
+        state = load_checkpoint(resumed_from, model, optimizer, env, identity)
         start_step, tokens_seen = state["step"], state["tokens"]
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
@@ -183,7 +184,7 @@ def open_session(config: TrainConfig, construction: ConstructionConfig | None = 
     if config.layerwise and env.distributed and start_step > 0:
         with torch.no_grad():  # FSDP2 takes the first of its modules to run as the root: let it be the model, not a block
             model(input_ids=data.blocks(data.domains[0], "val", 1)[:, :2].long().to(env.device), use_cache=False)
-    logger = MetricsLogger(out, env.is_main, append=config.resume)
+    logger = MetricsLogger(out, env.is_main, append=config.resume, after_step=start_step)
     peak, peak_source = peak_flops(env.device, config.peak_tflops)
     if start_step == 0:
         logger.log({"step": 0, "tokens": 0, "domain_weights": sampler.weights, "peak_flops": peak, "peak_flops_source": peak_source,
@@ -192,7 +193,7 @@ def open_session(config: TrainConfig, construction: ConstructionConfig | None = 
                     "built_online": bool(config.from_dense), "heldout_loss": heldout_losses(model, data, config.eval_blocks, config.micro_batch, dtype)})
     return Session(config, env, out, model_dir, data, model, model_config, blocks, manifest, optimizer, scheduler, sampler, dynamic,
                    identity, logger, dtype, steps, accum, flops_token, peak, start_step, tokens_seen,
-                   complete_checkpoints(out)[-1] if config.resume else None, teacher)
+                   resumed_from, teacher)
 
 
 def _dataset(config: TrainConfig) -> PackedDataset:

@@ -76,8 +76,10 @@ def _micro_step(model: torch.nn.Module, blocks: list[MoEFeedForward], ids: torch
 
 def train_step(model: torch.nn.Module, blocks: list[MoEFeedForward], optimizer: torch.optim.Optimizer,
                next_micro_batch: Callable[[], MicroBatch], num_domains: int, config: TrainConfig, env: DistEnv, accum: int,
-               dtype: torch.dtype = torch.float32, measure_bytes: bool = False, teacher: Teacher | None = None) -> dict:
-    """`measure_bytes` adds the bytes this rank holds for gradients (before they are freed). With a teacher
+               dtype: torch.dtype = torch.float32, measure_bytes: bool = False, teacher: Teacher | None = None,
+               stop_requested: bool = False) -> dict:
+    """`measure_bytes` adds the bytes this rank holds for gradients (before they are freed). `stop_requested`
+    (this rank got SIGTERM) travels with the step's statistics: `_stop` is true on every rank if any got it. With a teacher
     the objective is alpha tau^2 KL + (1 - alpha) CE; `loss` stays the next-token CE (comparable with any
     run), `distill_loss` is the objective. With --layerwise, `loss` is the MoE blocks' mean relative squared
     error and `layer_loss` that error per MoE layer."""
@@ -96,14 +98,15 @@ def train_step(model: torch.nn.Module, blocks: list[MoEFeedForward], optimizer: 
         zeros = torch.zeros_like(seq_loss, **stat)
         columns = [seq_loss, torch.ones_like(seq_loss, **stat), zeros if seq_kl is None else seq_kl, zeros if seq_teacher is None else seq_teacher]
         domain_stats.index_add_(0, domain_B, torch.stack(columns, dim=1))
-    domain_stats, moe_stats, load, layer_error = reduce_stats([domain_stats, moe_stats, load, layer_error], env)
+    stop = torch.tensor([float(stop_requested)], **stat)
+    domain_stats, moe_stats, load, layer_error, stop = reduce_stats([domain_stats, moe_stats, load, layer_error, stop], env)
     grad_norm = clip_grad_norm([p for p in model.parameters() if p.grad is not None],
                                config.grad_clip if config.grad_clip > 0 else float("inf"))
-    on_device = [domain_stats, moe_stats, load, layer_error, grad_norm.reshape(1).double()]
-    domain_host, moe_host, load_host, layer_host, norm_host = _unflat(_flat(on_device).cpu(), on_device)  # the one transfer
+    on_device = [domain_stats, moe_stats, load, layer_error, grad_norm.reshape(1).double(), stop]
+    domain_host, moe_host, load_host, layer_host, norm_host, stop_host = _unflat(_flat(on_device).cpu(), on_device)  # the one transfer
     sequences = domain_host[:, 1].sum()
     loss_value = (domain_host[:, 0].sum() / sequences).item()
-    record = {"loss": loss_value, "grad_norm": norm_host.item(), "_domain_stats": domain_host}
+    record = {"loss": loss_value, "grad_norm": norm_host.item(), "_domain_stats": domain_host, "_stop": stop_host.item() > 0}
     if config.layerwise:
         record["layer_loss"] = (layer_host / sequences).tolist()
     elif teacher is not None:
