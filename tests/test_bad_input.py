@@ -164,6 +164,8 @@ CASES = [
     # build
     Case("build-not-divisible", lambda c: BUILD(c, "--method", "random-split", "--num-experts", "7"), "not divisible", OUT),
     Case("build-top-k-zero", lambda c: BUILD(c, "--top-k", "0"), "--top-k is 0; it must be at least 1", OUT),
+    Case("build-carve-top-k-above-experts", lambda c: BUILD(c, "--method", "carve", "--num-experts", "4", "--top-k", "6", "--calibration",
+                                                              "embedded"), "--top-k 6 is larger than --num-experts 4", OUT),
     Case("build-negative-scale", lambda c: BUILD(c, "--scale", "-2"), "--scale is -2.0; it must be greater than 0", OUT),
     Case("build-negative-router-std", lambda c: BUILD(c, "--router-std", "-1"), "--router-std is -1.0; it must be at least 0", OUT),
     Case("build-megatron-scaling-on-a-split", lambda c: BUILD(c, "--method", "random-split", "--num-experts", "4", "--weight-scaling",
@@ -341,6 +343,8 @@ CASES = [
         "arms": [{"name": "a", "build": {"method": "upcycle"}}]}), "--out", str(OUT(c))], "--drop-ratio is read by none of the arms (a)", OUT),
     Case("experiment-out-is-model", lambda c: ["experiment", "capacity", "--model", _copy(c, "llama", "m"), "--out", str(c["tmp"] / "m"),
                                                "--force"], "is the input", keep=lambda c: c["tmp"] / "m"),
+    Case("experiment-arm-train-setting", lambda c: ["experiment", _experiment(c, {"name": "x", "model": L(c), "arms": [
+        {"name": "a", "train": {"lr": -1}}]}), "--out", str(OUT(c))], "lr in experiment 'a' (train:) is -1", OUT),
     Case("experiment-max-tokens-zero", lambda c: ["experiment", "capacity", "--max-tokens", "0", "--out", str(OUT(c))], "at least 1", OUT),
     # quickstart
     Case("quickstart-negative-train-tokens", lambda c: ["quickstart", L(c), "--train-tokens", "-5", "--work-dir", str(OUT(c))],
@@ -498,7 +502,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(case: Case, context, tmp_path,
             assert not list(tmp_path.rglob(".*.tmp-*")), "temporary files left"
         if case.out is not None:
             out = case.out(ctx)
-            assert not out.exists() or (out.is_dir() and not any(out.iterdir())), f"{out} was left behind"
+            assert not out.exists(), f"{out} was left behind"
             leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
             assert not leftovers, f"temporary files left: {leftovers}"
 

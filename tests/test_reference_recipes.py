@@ -40,6 +40,17 @@ def test_smooth_load_is_the_normal_cdf_of_the_thresholds():
     assert smooth_load(clean.detach(), noisy, std, top_k=3).tolist() == [1.0, 1.0, 1.0]  # k = E: always in
 
 
+def test_llama_moe_load_judges_in_or_out_by_the_noise_term_alone():
+    # Noisy [1.2, 0.5, -2], clean [1, 0.6, -1]: the noise terms are [0.2, -0.1, -1]. Expert 0 is in the top 1;
+    # Shazeer's formula keeps it on the "in" side (its noisy logit 1.2 beats the 2nd largest, 0.5), LLaMA-MoE's
+    # code compares its noise term 0.2 with 0.5 and puts it on the "out" side: Phi((1 - 1.2) / 1).
+    clean, noisy, std = torch.tensor([[1.0, 0.6, -1.0]]), torch.tensor([[1.2, 0.5, -2.0]]), torch.tensor([[1.0, 0.5, 2.0]])
+    shazeer = smooth_load(clean, noisy, std, top_k=1)
+    reference = smooth_load(clean, noisy, std, top_k=1, noise_alone=True)
+    assert shazeer.tolist() == pytest.approx([_phi((1.0 - 0.5) / 1.0), _phi((0.6 - 1.2) / 0.5), _phi((-1.0 - 1.2) / 2.0)], abs=1e-6)
+    assert reference.tolist() == pytest.approx([_phi((1.0 - 1.2) / 1.0), _phi((0.6 - 1.2) / 0.5), _phi((-1.0 - 1.2) / 2.0)], abs=1e-6)
+
+
 def test_cv_squared_unbiased_and_population():
     x = torch.tensor([1.0, 2.0, 3.0, 6.0])  # mean 3, squared deviations 4 + 1 + 0 + 9 = 14
     assert cv_squared(x, unbiased=True).item() == pytest.approx((14 / 3) / 9)
@@ -137,15 +148,16 @@ def test_noise_baseline_statistics():
     # The authors' baseline: N(0, 0.02) added to int(r F) random neurons of each matrix, drawn per matrix.
     torch.manual_seed(3)
     weights = (torch.randn(96, 64), torch.randn(96, 64), torch.randn(64, 96))
-    options = from_flat(ConstructionConfig, {"method": "noise-upcycle", "num_experts": 1, "noise_std": 0.02, "noise_relative": False,
-                                             "noise_fraction": 0.5})
+    options = from_flat(ConstructionConfig, {"method": "noise-upcycle", "num_experts": 1, "noise_relative": False, "noise_fraction": 0.5})
+    assert NoiseUpcycle.sigma(options) == 0.02  # the authors' sigma is that mode's default
     noised = NoiseUpcycle().perturb(weights, options, 0, 0)
     changed = _changed(weights, noised)
     assert [int(c.sum()) for c in changed] == [48, 48, 48]
     assert not torch.equal(changed[0], changed[1])  # a set per matrix
     deltas = torch.cat([(n - w)[c].flatten() for n, w, c in zip(noised[:2], weights[:2], changed[:2])])
     assert deltas.std().item() == pytest.approx(0.02, rel=0.05) and abs(deltas.mean().item()) < 0.002
-    relative = from_flat(ConstructionConfig, {"method": "noise-upcycle", "num_experts": 1, "noise_std": 0.01})
+    relative = from_flat(ConstructionConfig, {"method": "noise-upcycle", "num_experts": 1})
+    assert NoiseUpcycle.sigma(relative) == 0.01
     assert all(c.all() for c in _changed(weights, NoiseUpcycle().perturb(weights, relative, 0, 0)))  # moeify's: every weight
 
 

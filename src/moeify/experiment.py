@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 
 from moeify.build import BuildConfig, build
-from moeify.checkpoint.atomic import claim_directory, safe_name
+from moeify.checkpoint.atomic import claim_directory, discard_unused, safe_name
 from moeify.checkpoint.resolve import resolve_model
 from moeify.construct import ConstructionConfig
 from moeify.construct.options import share_settings
@@ -111,10 +111,21 @@ def run_experiment(config: ExperimentConfig) -> dict:
     model = config.model or document["model"]
     constructions = _constructions(document)
     dense_dir = resolve_model(model)
-    claim_directory(config.out, config.force, [model, dense_dir, config.data, config.spec], "experiment")
     shared_train = dict(document.get("train", {}))
     if config.max_tokens is not None:
         shared_train["max_tokens"] = config.max_tokens
+    for arm in document["arms"]:  # every arm's training settings checked before any work
+        if arm.get("train") is not None:
+            from_flat(TrainConfig, {**shared_train, **arm["train"], "model": "-", "data": "-", "out": "-"}, f"experiment {arm['name']!r} (train:)")
+    claim_directory(config.out, config.force, [model, dense_dir, config.data, config.spec], "experiment")
+    try:
+        return _run_arms(config, document, model, dense_dir, constructions, shared_train)
+    except BaseException:
+        discard_unused(config.out)
+        raise
+
+
+def _run_arms(config: ExperimentConfig, document: dict, model: str, dense_dir: Path, constructions: dict, shared_train: dict) -> dict:
     if config.data is not None:
         data = PackedDataset(Path(config.data))
         seq_len = shared_train["seq_len"] = data.seq_len  # the data decides the block length

@@ -95,8 +95,8 @@ def quickstart(config: QuickstartConfig) -> list[Row]:
     if config.split_scale is None:
         config = replace(config, split_scale=config.num_experts / config.top_k)
     torch.manual_seed(config.seed)
-    config.work_dir.mkdir(parents=True, exist_ok=True)  # an unwritable --work-dir fails now, not after the first model
     dense_dir = resolve_model(config.model)
+    config.work_dir.mkdir(parents=True, exist_ok=True)  # an unwritable --work-dir fails now, not after the first model
     tokenizer = load_tokenizer(dense_dir)
     blocks = blocks_of(tokenize_joined(tokenizer, pydoc_topics(heldout=True)), config.block_size, config.eval_tokens)
     _log(f"held-out text: {blocks.numel()} tokens of Python's help topics, {blocks.shape[0]} blocks of {config.block_size}")

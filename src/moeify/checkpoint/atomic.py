@@ -102,6 +102,13 @@ def check_output(out: Path, force: bool, reads: Iterable[Path | str | None] = ()
         raise MoeifyError(f"{flag} {out} exists; choose another path or pass --force to replace it")
 
 
+def discard_unused(directory: Path) -> None:
+    """Remove a run directory this call claimed if nothing but moeify's marker is in it: a run that failed
+    before its first result leaves nothing behind (never removes anything else)."""
+    if directory.is_dir() and {p.name for p in directory.iterdir()} <= {MARKER}:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def write_marker(directory: Path, verb: str) -> None:
     (directory / MARKER).write_text(json.dumps({"written_by": f"moeify {moeify.__version__}", "verb": verb}) + "\n")
 

@@ -83,8 +83,9 @@ class UpcycleOptions:
     drop_stats: Literal["matrix", "replaced"] = "matrix"
     """drop-upcycle: new values drawn with the mean and std of the whole matrix, or of the replaced
     neurons' weights (the authors' code)."""
-    noise_std: float = 0.01
-    """noise-upcycle: std of the Gaussian noise (relative to each matrix's std unless --no-noise-relative)."""
+    noise_std: float | None = None
+    """noise-upcycle: std of the Gaussian noise, relative to each matrix's std (default 0.01) or, with
+    --no-noise-relative, absolute (default 0.02, the authors')."""
     noise_relative: bool = True
     """noise-upcycle: scale the noise by each weight matrix's std (off: absolute, the authors' N(0, 0.02))."""
     noise_fraction: float = 1.0

@@ -145,18 +145,27 @@ class NoiseUpcycle(Upcycle):
     options = UPCYCLE_OPTIONS | {"noise_std", "noise_relative", "noise_fraction"}
 
     def check(self, ffn_size: int, options: ConstructionConfig) -> None:
-        if options.upcycle.noise_std < 0:
+        if self.sigma(options) < 0:
             raise MoeifyError(f"--noise-std must be >= 0, got {options.upcycle.noise_std}")
+
+    @staticmethod
+    def sigma(options: ConstructionConfig) -> float:
+        """--noise-std, or its default: 0.01 of each matrix's std, or the authors' absolute 0.02."""
+        upcycle = options.upcycle
+        if upcycle.noise_std is not None:
+            return upcycle.noise_std
+        return 0.01 if upcycle.noise_relative else 0.02
 
     def perturb(self, weights: tuple[torch.Tensor, ...], options: ConstructionConfig, layer: int, expert: int) -> tuple[torch.Tensor, ...]:
         upcycle = options.upcycle
-        if upcycle.noise_std == 0:
+        sigma = self.sigma(options)
+        if sigma == 0:
             return weights
         generator = expert_generator(options.seed, layer, expert)
         neurons = weights[0].shape[0]
 
         def noised(w: torch.Tensor, rows: bool) -> torch.Tensor:
-            std = upcycle.noise_std * (w.float().std() if upcycle.noise_relative else 1.0)
+            std = sigma * (w.float().std() if upcycle.noise_relative else 1.0)
             if upcycle.noise_fraction == 1.0:
                 return (w.float() + torch.randn(w.shape, generator=generator) * std).to(w.dtype)
             chosen = torch.randperm(neurons, generator=generator)[: int(upcycle.noise_fraction * neurons)]

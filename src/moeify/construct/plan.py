@@ -65,10 +65,12 @@ class ConstructionPlan:
             config = with_method_options(config, partition.options)
             method = get_method(partition.method)
             refuse_unread(config, method, requested_router_init(config, method), given)
+            config.check_routing()
         else:
             method = get_method(config.method)
             refuse_unread(config, method, requested_router_init(config, method), given)  # before any long computation
             method.check(dense.ffn_size, config)
+            config.check_routing()
             if not method.layerwise:
                 if not compute_partition:
                     raise MoeifyError(f"--method {method.name} needs a partition here: run `moeify split {source} --method "

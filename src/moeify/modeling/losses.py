@@ -53,16 +53,19 @@ def cv_squared(x: torch.Tensor, unbiased: bool = False) -> torch.Tensor:
     return x.float().var(correction=1 if unbiased else 0) / (x.float().mean() ** 2 + 1e-10)
 
 
-def smooth_load(clean_TE: torch.Tensor, noisy_TE: torch.Tensor, noise_std_TE: torch.Tensor, top_k: int) -> torch.Tensor:
+def smooth_load(clean_TE: torch.Tensor, noisy_TE: torch.Tensor, noise_std_TE: torch.Tensor, top_k: int,
+                noise_alone: bool = False) -> torch.Tensor:
     """Shazeer et al.'s differentiable load [E]: the sum over tokens of P(expert in the top k), each
     expert's noise redrawn with the others' noisy logits held fixed. An expert in the top k stays
     there while its logit beats the (k+1)-th largest noisy logit; one outside gets in when it beats
-    the k-th: P = Phi((clean - threshold) / noise_std)."""
+    the k-th: P = Phi((clean - threshold) / noise_std).
+    `noise_alone`: LLaMA-MoE's code (moe_gates.py, `is_in`) decides in or out by comparing the noise term
+    alone, noisy - clean, with the (k+1)-th noisy logit, not the noisy logit itself."""
     if top_k >= noisy_TE.shape[1]:
         return torch.ones_like(clean_TE).sum(dim=0)
     top_TK1 = noisy_TE.topk(top_k + 1, dim=-1).values
     threshold_if_in_T1, threshold_if_out_T1 = top_TK1[:, top_k:], top_TK1[:, top_k - 1 : top_k]
-    is_in_TE = noisy_TE > threshold_if_in_T1
+    is_in_TE = (noisy_TE - clean_TE if noise_alone else noisy_TE) > threshold_if_in_T1
     prob_if_in = torch.special.ndtr((clean_TE - threshold_if_in_T1) / noise_std_TE)
     prob_if_out = torch.special.ndtr((clean_TE - threshold_if_out_T1) / noise_std_TE)
     return torch.where(is_in_TE, prob_if_in, prob_if_out).sum(dim=0)

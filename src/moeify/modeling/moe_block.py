@@ -65,6 +65,7 @@ class MoEBlock(nn.Module):
         self.output_scale = 1.0  # a fixed factor on the routed experts' output (the scale held as a multiplier)
         self.cv2_unbiased = False  # cv2: the unbiased variance (LLaMA-MoE) instead of the population one
         self.cv2_smooth_load = True  # cv2 with a noisy gate: Shazeer's differentiable load instead of counts
+        self.cv2_load_noise_alone = False  # ... deciding in/out as LLaMA-MoE's code does (see smooth_load)
 
     def capacity(self, num_tokens: int) -> int | None:
         """Assignments each expert may take: ceil(CF * T * k / E); None when dropless."""
@@ -98,7 +99,8 @@ class MoEBlock(nn.Module):
             elif self.balance_loss == "cv2":
                 smooth = None
                 if self.cv2_smooth_load and routing.noise_std_TE is not None:
-                    smooth = smooth_load(routing.clean_logits_TE, routing.logits_TE, routing.noise_std_TE, self.router.top_k)
+                    smooth = smooth_load(routing.clean_logits_TE, routing.logits_TE, routing.noise_std_TE, self.router.top_k,
+                                         self.cv2_load_noise_alone)
                 balance = cv_squared_balance_loss(routing.weights_TK, routing.indices_TK, E, counts_E, group_sum, smooth,
                                                   self.cv2_unbiased)
             z_loss = router_z_loss(routing.logits_TE)

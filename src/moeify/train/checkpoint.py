@@ -89,6 +89,8 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, trainer_s
     if error is not None:  # a half-written checkpoint never looks complete, and every rank stops with the same reason
         if env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
+            if root.is_dir() and not any(root.iterdir()):
+                root.rmdir()  # the run's first checkpoint failed: no empty folder that looks like one
         raise error
     return final
 

@@ -64,9 +64,10 @@ class TrainConfig:
     balance_coef: float = 0.01
     cv2_variance: Literal["population", "unbiased"] = "population"
     """cv2: the variance in CV^2, population or unbiased (LLaMA-MoE's torch.var: E/(E-1) times larger)."""
-    cv2_load: Literal["smooth", "count"] = "smooth"
+    cv2_load: Literal["smooth", "llama-moe", "count"] = "smooth"
     """cv2 with --noisy-gate: the load term as Shazeer's differentiable P(expert in top k) summed over
-    tokens (LLaMA-MoE) or as counts (no gradient through the load)."""
+    tokens; `llama-moe` as LLaMA-MoE's code computes it (in or out of the top k judged by the noise term
+    alone); or as counts (no gradient through the load)."""
     z_loss_coef: float = 0.0
     bias_update_rate: float = 0.0
     """Aux-loss-free balancing (DeepSeek-V3): selection-bias step per optimizer step; 0 disables."""

@@ -13,7 +13,12 @@ import torch
 from tqdm import tqdm
 
 from moeify.construct import ConstructionConfig
-from moeify.errors import MoeifyError, describe_os_error, printed_like, same_on_every_rank
+from moeify.errors import (
+    MoeifyError,
+    describe_os_error,
+    printed_like,
+    same_on_every_rank,
+)
 from moeify.modeling.hf import MoEFeedForward
 from moeify.train.checkpoint import save_checkpoint
 from moeify.train.collectives import CollectiveCounter

@@ -13,6 +13,7 @@ from moeify.checkpoint.atomic import (
     check_not_an_input,
     check_output,
     claim_directory,
+    discard_unused,
     write_marker,
     written_by_moeify,
 )
@@ -28,7 +29,11 @@ from moeify.modeling.chunked_loss import install_chunked_loss
 from moeify.modeling.hf import MoEFeedForward, hold_scale_as_multiplier
 from moeify.modeling.load import load_moe_model
 from moeify.schema import is_given
-from moeify.train.checkpoint import complete_checkpoints, load_checkpoint, resumable_checkpoint
+from moeify.train.checkpoint import (
+    complete_checkpoints,
+    load_checkpoint,
+    resumable_checkpoint,
+)
 from moeify.train.config import TrainConfig
 from moeify.train.distributed import (
     DistEnv,
@@ -40,6 +45,7 @@ from moeify.train.distributed import (
     training_dtype,
 )
 from moeify.train.heldout import heldout_losses
+from moeify.train.layerwise import check_teacher_layers
 from moeify.train.metrics import MetricsLogger, flops_per_token, peak_flops, peak_rss_mb
 from moeify.train.online import build_online
 from moeify.train.parallelize import (
@@ -56,7 +62,6 @@ from moeify.train.setup import (
     reference_losses,
     set_trainable,
 )
-from moeify.train.layerwise import check_teacher_layers
 from moeify.train.teacher import Teacher, load_teacher, teacher_path
 
 
@@ -99,6 +104,15 @@ def open_session(config: TrainConfig, construction: ConstructionConfig | None = 
         _prepare_out_dir(out, config, construction, env)
     except MoeifyError as error:  # from the flags and the node's files: alike on every rank of a node
         raise same_on_every_local_rank(error)
+    try:
+        return _open(config, construction, env, out, layout)
+    except BaseException:
+        if not config.resume and env.is_main:
+            discard_unused(out)  # the run directory this call made, still empty: a failed start leaves nothing
+        raise
+
+
+def _open(config: TrainConfig, construction: ConstructionConfig | None, env: DistEnv, out: Path, layout: Layout) -> Session:
     model_dir = _on_main_first(env, lambda: resolve_model(config.from_dense or config.model))
     data = _on_main_first(env, lambda: _dataset(config))
     if tokenizer_fingerprint(model_dir) != data.tokenizer_fingerprint:
@@ -117,7 +131,8 @@ def open_session(config: TrainConfig, construction: ConstructionConfig | None = 
         for moe in blocks:
             moe.block.balance_loss = config.balance_loss
             moe.block.cv2_unbiased = config.cv2_variance == "unbiased"
-            moe.block.cv2_smooth_load = config.cv2_load == "smooth"
+            moe.block.cv2_smooth_load = config.cv2_load in ("smooth", "llama-moe")
+            moe.block.cv2_load_noise_alone = config.cv2_load == "llama-moe"
         enable_activation_checkpointing(model, config.activation_checkpointing)
         install_chunked_loss(model, config.loss_chunk, always=config.distill)
         flops["per_token"] = flops_per_token(model, data.seq_len)
