@@ -222,3 +222,55 @@ def test_a_checkpoint_write_failing_on_some_rank_stops_every_rank(failing_rank, 
     assert [outcome["printed"] for outcome in outcomes] == [True, False]  # one line, from rank 0, whichever ranks failed
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002"]
     assert (tmp_path / "checkpoints" / "step-000002" / "trainer.json").is_file()
+
+
+def _worker_pids(launcher: int) -> dict[int, int]:
+    """LOCAL_RANK -> pid of each worker torchrun started (its children carrying LOCAL_RANK)."""
+    workers = {}
+    for child in Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split():
+        try:
+            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        rank = next((line.split(b"=", 1)[1] for line in environ if line.startswith(b"LOCAL_RANK=")), None)
+        if rank is not None:
+            workers[int(rank)] = int(child)
+    return workers
+
+
+def test_a_rank_killed_mid_training_ends_the_job_and_resume_matches(tiny_moe, tiny_data, tmp_path):
+    # SIGKILL on rank 1 (out of memory, a lost node): torchrun ends the job (rank 0, blocked in a collective with
+    # a dead peer, is stopped by the launcher), and --resume from the last checkpoint gives the losses of a run
+    # never interrupted (the same 400-step schedule, stopped at the same step).
+    def command(out: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "moeify", "train",
+                "--model", str(tiny_moe), "--data", str(tiny_data), "--out", str(out), "--batch-size", "8", "--micro-batch", "2",
+                "--max-tokens", str(8 * 32 * 400), "--lr", "3e-3", "--warmup-steps", "2", "--eval-blocks", "4", "--checkpoint-every", "1",
+                "--no-export", *extra]
+
+    def losses(out: Path) -> dict[int, float]:
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen(command(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "checkpoints" / "step-000002").is_dir():
+            time.sleep(0.1)
+        os.kill(_worker_pids(process.pid)[1], signal.SIGKILL)
+        killed_at = time.time()
+        process.communicate(timeout=90)
+        assert process.returncode != 0 and time.time() - killed_at < 60
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    last = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
+    resumed = run_group(command(out, "--resume", "--stop-after-steps", "3"), timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full = run_group(command(tmp_path / "full", "--stop-after-steps", str(last + 3)), timeout=300)
+    assert full.returncode == 0, full.stderr[-3000:]
+    expected, got = losses(tmp_path / "full"), losses(out)
+    assert sorted(got) == list(range(1, last + 4))  # each step logged once
+    for step in range(last + 1, last + 4):
+        assert got[step] == pytest.approx(expected[step], abs=1e-5), step

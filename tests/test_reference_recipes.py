@@ -210,6 +210,11 @@ def test_shared_block_by_frequency_or_summed_importance():
     importance = torch.tensor([[5.0, 0, 0, 1, 2], [5.0, 0, 1, 0, 2], [0.0, 100, 0, 0, 2]])
     assert shared_neurons(importance, 2, "frequency").tolist() == [4, 0]
     assert sorted(shared_neurons(importance, 2, "summed").tolist()) == [0, 1]
+    # Recounted after each pick (LLaMA-MoE's expert_split_residual.py): neuron 1 is in both top-2s and goes first;
+    # without it group 0's top-2 is {0, 2} and group 1's {2, 3}, so 2 is in both and goes next. Counting once
+    # would tie 0 and 2 (one top list each) and take 0, the larger sum.
+    recount = torch.tensor([[6.0, 3, 2, 1], [1.0, 3, 4, 2]])
+    assert shared_neurons(recount, 2, "frequency").tolist() == [1, 2]
     shares = comparable_scores(importance[:, None], "share")[:, 0]
     assert torch.allclose(shares.sum(dim=1), torch.ones(3)) and torch.equal(comparable_scores(importance, "raw"), importance)
 

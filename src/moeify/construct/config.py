@@ -64,7 +64,7 @@ class SplitOptions:
     """Gradient methods: compare each group's importance as its share of the group's total, or raw (LLaMA-MoE)."""
     shared_selection: Literal["summed", "frequency"] = "summed"
     """sharing-inter: the shared neurons are those with the highest importance summed over groups, or
-    those in the most groups' top-S (LLaMA-MoE; ties by summed importance)."""
+    those in the most groups' top lists, recounted after each pick (LLaMA-MoE; ties by lowest index)."""
 
 
 @dataclass

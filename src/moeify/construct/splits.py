@@ -177,16 +177,25 @@ def comparable_scores(importance_GLF: torch.Tensor, mode: str) -> torch.Tensor:
     return importance_GLF / importance_GLF.sum(dim=-1, keepdim=True).clamp_min(1e-30)
 
 
-def shared_neurons(importance_GF: torch.Tensor, size: int, selection: str) -> torch.Tensor:
-    """Sharing-Inter's shared block: the `size` neurons with the highest summed importance, or those
-    in the most groups' top-`size` (ties broken by summed importance)."""
-    summed_F = importance_GF.sum(dim=0)
+def shared_neurons(importance_GF: torch.Tensor, size: int, selection: str, top: int | None = None) -> torch.Tensor:
+    """Sharing-Inter's shared block of `size` neurons: those with the highest summed importance, or
+    LLaMA-MoE's rule ("frequency"): count how many groups have each neuron among their `top` (the
+    routed expert size) most important, take the neurons of the highest count (lowest index first, up
+    to what the block still holds), drop them from every group's list, count again, until full."""
     if selection == "summed":
-        return summed_F.topk(size).indices
-    in_top_F = torch.zeros_like(summed_F).index_add_(0, importance_GF.topk(size, dim=1).indices.flatten(),
-                                                      torch.ones(importance_GF.shape[0] * size, dtype=summed_F.dtype))
-    order = torch.from_numpy(np.lexsort((-summed_F.numpy(), -in_top_F.numpy())))  # by count, then by sum
-    return order[:size]
+        return importance_GF.sum(dim=0).topk(size).indices
+    top = top or size
+    order_GF = importance_GF.argsort(dim=1, descending=True, stable=True)
+    taken_F = torch.zeros(importance_GF.shape[1], dtype=torch.bool)
+    shared: list[int] = []
+    while len(shared) < size:
+        count_F = torch.zeros(importance_GF.shape[1], dtype=torch.long)
+        for order_F in order_GF:
+            count_F[order_F[~taken_F[order_F]][:top]] += 1
+        chosen = (count_F == count_F.max()).nonzero().squeeze(1)[: size - len(shared)]
+        shared += chosen.tolist()
+        taken_F[chosen] = True
+    return torch.tensor(shared)
 
 
 class _GradientSplit(_Split):
@@ -253,7 +262,7 @@ class SharingInter(_GradientSplit):
 
     def split_layer(self, importance_GF: torch.Tensor, ffn_size: int, options: ConstructionConfig) -> tuple[torch.Tensor, torch.Tensor]:
         shared_size, size = self.shared_size(ffn_size, options), self.expert_size(ffn_size, options)
-        shared = shared_neurons(importance_GF, shared_size, options.split.shared_selection)
+        shared = shared_neurons(importance_GF, shared_size, options.split.shared_selection, size)
         rest = torch.ones(ffn_size, dtype=torch.bool)
         rest[shared] = False
         remaining = rest.nonzero().squeeze(1)
