@@ -138,3 +138,11 @@ def test_plan_memory_puts_each_collective_on_its_link():
     assert once["by"][("reduce_scatter", "shard")]["calls"] == 33 and once["communication_s"] < default["communication_s"]
     one_node = plan(gpus_per_node=64)
     assert {c["link"] for c in one_node["collectives"]} == {"intra"} and one_node["step_s_serial"] < default["step_s_serial"]
+
+
+def test_expert_parallel_groups_reduce_once_per_step_with_gradient_sync_step(tiny_moe, tiny_data, tmp_path):
+    # EP 2 on 4 ranks: the experts are FSDP2 units of their own over the expert-shard group (ranks 0, 2); with
+    # --gradient-sync step their reduce-scatters, like the dense ones, run once per step at accumulation 4.
+    once = _run(tiny_moe, tiny_data, tmp_path / "once", 4, 16, 1, "--ep", "2", "--gradient-sync", "step")
+    assert _calls(once, "reduce_scatter", "0,2")[0] == 2  # one per MoE layer
+    assert_as_planned(once[-1], tiny_moe, Layout(4, ep=2), 4, 32, "step")
