@@ -105,6 +105,26 @@ def _dir_with(ctx: dict, name: str, files: dict[str, str]) -> str:
     return str(path)
 
 
+NOT_UTF8_JSONL = b'{"text": "ok"}\n\xff\xfe\n'  # a second line that is not UTF-8
+
+
+def _parquet_of_ints(ctx: dict) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = ctx["tmp"] / "ints.parquet"
+    pq.write_table(pa.table({"text": [1, 2, 3]}), path)
+    return str(path)
+
+
+def _damaged_data(ctx: dict, damage: Callable[[Path], None]) -> str:
+    """A copy of the context's prepared data with `damage` done to it."""
+    path = ctx["tmp"] / "data"
+    shutil.copytree(ctx["data"], path)
+    damage(path)
+    return str(path)
+
+
 def _copy(ctx: dict, key: str, name: str) -> str:
     """A copy of a context model at tmp/NAME (the original is shared by every case)."""
     shutil.copytree(ctx[key], ctx["tmp"] / name)
@@ -345,6 +365,8 @@ CASES = [
                                                "--force"], "is the input", keep=lambda c: c["tmp"] / "m"),
     Case("experiment-arm-train-setting", lambda c: ["experiment", _experiment(c, {"name": "x", "model": L(c), "arms": [
         {"name": "a", "train": {"lr": -1}}]}), "--out", str(OUT(c))], "lr in experiment 'a' (train:) is -1", OUT),
+    Case("experiment-no-arms", lambda c: ["experiment", _experiment(c, {"name": "x", "model": L(c), "arms": []}), "--out", str(OUT(c))],
+         "the list of arms is empty", OUT),
     Case("experiment-max-tokens-zero", lambda c: ["experiment", "capacity", "--max-tokens", "0", "--out", str(OUT(c))], "at least 1", OUT),
     # quickstart
     Case("quickstart-negative-train-tokens", lambda c: ["quickstart", L(c), "--train-tokens", "-5", "--work-dir", str(OUT(c))],
@@ -360,6 +382,10 @@ CASES = [
          "not a directory moeify wrote", keep=lambda c: c["tmp"] / "w"),
     Case("quickstart-missing-model", lambda c: ["quickstart", str(c["tmp"] / "nope"), "--work-dir", str(OUT(c))], "no model at", OUT),
     # data prepare
+    Case("prepare-jsonl-not-utf8", lambda c: ["data", "prepare", L(c), "--source", "web=" + _file(c, "x.jsonl", NOT_UTF8_JSONL),
+                                             "--out", str(OUT(c))], "x.jsonl:2 is not UTF-8 text", OUT),
+    Case("prepare-parquet-text-of-ints", lambda c: ["data", "prepare", L(c), "--source", "web=" + _parquet_of_ints(c), "--out", str(OUT(c))],
+         "ints.parquet's column 'text' holds int64, not strings", OUT),
     Case("prepare-seq-len", lambda c: ["data", "prepare", L(c), "--seq-len", "1", "--out", str(OUT(c))], "--seq-len is 1", OUT),
     Case("prepare-fake-parquet", lambda c: ["data", "prepare", L(c), "--source", f"web={_file(c, 'x.parquet', b'not parquet')}",
                                             "--out", str(OUT(c))], "cannot read", OUT),
@@ -403,6 +429,11 @@ CASES = [
     Case("generate-empty-prompt", lambda c: ["generate", L(c), "--prompt", "  "], "--prompt is empty"),
     Case("generate-missing-model", lambda c: ["generate", str(c["tmp"] / "nope"), "--prompt", "hi"], "no model at"),
     # train
+    Case("train-data-meta-cut-short", lambda c: [*TRAIN(c)[:2], "--data", _damaged_data(c, lambda d: (d / "meta.json").write_text('{"seq_len": 3')),
+                                                 *TRAIN(c)[4:]], "meta.json is cut short or not JSON", OUT),
+    Case("train-data-token-file-emptied", lambda c: [*TRAIN(c)[:2], "--data", _damaged_data(c, lambda d: (d / "code.train.bin").write_bytes(b"")),
+                                                     *TRAIN(c)[4:]], "code.train.bin holds 0 bytes", OUT),
+    Case("train-recipe-section-a-list", lambda c: [*TRAIN(c), "--recipe", _recipe(c, "train:\n  - 1\n")], "its train: section is a list", OUT),
     Case("train-batch-size-zero", lambda c: [*TRAIN(c), "--batch-size", "0"], "--batch-size is 0; it must be at least 1", OUT),
     Case("train-negative-lr", lambda c: [*TRAIN(c), "--lr", "-1"], "--lr is -1.0; it must be greater than 0", OUT),
     Case("train-negative-checkpoint-every", lambda c: [*TRAIN(c), "--checkpoint-every", "-1"], "--checkpoint-every is -1", OUT),

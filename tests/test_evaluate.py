@@ -88,6 +88,10 @@ def test_report_renders_with_plots(tiny_moe, tiny_data, tmp_path):
         png = base64.b64decode(data)
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
     assert "bits per byte" in page and "top expert changed 0-llama-moe -&gt; 1-run" in page
+    # a run killed mid-line (the last metrics line cut short) still reports, without that line
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 5, "lo')
+    assert "bits per byte" in build_report(run, out=tmp_path / "again.html").read_text()
 
 
 def test_lm_eval_bridge_runs_a_local_multiple_choice_task(tiny_models, tmp_path):

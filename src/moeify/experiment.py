@@ -28,6 +28,7 @@ from moeify.data.prepare import PrepareConfig, prepare
 from moeify.errors import MoeifyError
 from moeify.evaluate.plots import bar_chart, line_plot
 from moeify.evaluate.run import EvalConfig, evaluate
+from moeify.json_file import read_jsonl
 from moeify.modeling.load import load_moe_model
 from moeify.schema import at_least, from_flat, leaf_names, unknown_keys_error
 from moeify.train.config import TrainConfig
@@ -67,6 +68,8 @@ def load_experiment(spec: str) -> dict:
     document = read_yaml(path, f"experiment {path}", "the built-in ones in moeify/experiments/ are examples")
     if not isinstance(document, dict) or not isinstance(document.get("arms"), list) or "model" not in document:
         raise MoeifyError(f"{path}: an experiment is a mapping with a model and a list of arms")
+    if not document["arms"]:
+        raise MoeifyError(f"{path}: the list of arms is empty; give at least one arm (a name, and build: or train:)")
     _refuse_unknown(set(document) - DOCUMENT_KEYS, DOCUMENT_KEYS, f"{path}")
     _refuse_unknown(set(document.get("build") or {}) - BUILD_KEYS, BUILD_KEYS, f"{path} (build:)")
     _refuse_unknown(set(document.get("train") or {}) - TRAIN_KEYS, TRAIN_KEYS, f"{path} (train:)")
@@ -189,7 +192,7 @@ def _logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
 
 def _run_summary(run: Path, tokens_before: int = 0) -> dict:
     """`tokens_before`: tokens an earlier stage trained the model on (`after:`), added to this run's counts."""
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = read_jsonl(run / "metrics.jsonl", "run the experiment again", last_may_be_cut=True)
     steps = [r for r in records if "loss" in r and "tokens_per_s" in r]
     evals = [r for r in records if "heldout_loss" in r]
     heldout = lambda r: statistics.mean(r["heldout_loss"].values())  # noqa: E731

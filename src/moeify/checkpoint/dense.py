@@ -1,6 +1,5 @@
 """Read a dense gated-MLP decoder checkpoint lazily, tensor by tensor, from safetensors files."""
 
-import json
 from pathlib import Path
 
 import torch
@@ -8,6 +7,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from moeify.errors import MoeifyError
+from moeify.json_file import weight_map
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 GATED_ACTIVATIONS = ("silu", "swish")
@@ -42,8 +42,7 @@ class DenseCheckpoint:
     def _tensor_files(self) -> dict[str, Path]:
         index = self.path / INDEX_FILE
         if index.is_file():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            return {name: self.path / file for name, file in weight_map.items()}
+            return {name: self.path / file for name, file in weight_map(index).items()}
         single = self.path / SINGLE_FILE
         if single.is_file():
             return {name: single for name in self._open(single).keys()}

@@ -5,7 +5,6 @@ Layout of a prepared directory:
   DOMAIN.train.bin, DOMAIN.val.bin  flat token ids; block i is tokens[i*seq_len:(i+1)*seq_len]
 """
 
-import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 
 from moeify.errors import MoeifyError
+from moeify.json_file import read_json
 
 META = "meta.json"
 SPLITS = ("train", "val")
@@ -26,9 +26,19 @@ class PackedDataset:
     def __post_init__(self):
         if not (self.path / META).is_file():
             raise MoeifyError(f"{self.path} is not a prepared data directory (no {META}); run `moeify data prepare` first")
-        self.meta = json.loads((self.path / META).read_text())
+        fix = f"{self.path} is damaged: run `moeify data prepare` again"
+        self.meta = read_json(self.path / META, fix)
+        if not {"seq_len", "dtype", "domains", "tokenizer"} <= set(self.meta):
+            raise MoeifyError(f"{self.path / META} lacks {', '.join(sorted({'seq_len', 'dtype', 'domains', 'tokenizer'} - set(self.meta)))}; {fix}")
         self.seq_len: int = self.meta["seq_len"]
         self.domains: list[str] = sorted(self.meta["domains"])
+        size = np.dtype(self.meta["dtype"]).itemsize
+        for domain, counts in self.meta["domains"].items():  # a token file cut short or emptied
+            for split in SPLITS:
+                file, expected = self.path / f"{domain}.{split}.bin", counts.get(f"{split}_tokens", 0) * size
+                found = file.stat().st_size if file.is_file() else None
+                if found != expected:
+                    raise MoeifyError(f"{file} holds {'nothing' if found is None else f'{found} bytes'}, {expected} were written; {fix}")
 
     @cached_property
     def _tokens(self) -> dict[tuple[str, str], np.ndarray]:

@@ -23,6 +23,7 @@ from moeify.data.text import (
     tokenize_joined,
 )
 from moeify.errors import MoeifyError
+from moeify.json_file import read_json
 from moeify.schema import at_least
 
 FORMAT_VERSION = 1
@@ -87,7 +88,7 @@ def prepare(config: PrepareConfig, progress: bool = True) -> PackedDataset:
     }
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     out = config.out or cache_dir() / "data" / fingerprint[:16]
-    if (out / META).is_file() and json.loads((out / META).read_text()).get("fingerprint") == fingerprint:
+    if (out / META).is_file() and _recorded_fingerprint(out) == fingerprint:
         return PackedDataset(out)
     if config.out is not None:
         check_output(out, config.force, reads)  # before the work (atomic_directory checks again at the end)
@@ -135,3 +136,11 @@ def _split_documents(tokenizer, docs: list[str]) -> dict[str, list[int]]:
     flat = tokenize_joined(tokenizer, docs)
     cut = len(flat) - len(flat) // HELDOUT_EVERY
     return {"train": flat[:cut], "val": flat[cut:]}
+
+
+def _recorded_fingerprint(out: Path) -> str | None:
+    """The fingerprint a prepared directory records; None when its meta.json is damaged (prepared again)."""
+    try:
+        return read_json(out / META, "").get("fingerprint")
+    except MoeifyError:
+        return None

@@ -63,8 +63,12 @@ def read_documents(source: Source) -> Iterator[str]:
 
 
 def _jsonl(file: Path) -> Iterator[str]:
-    with open(file, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(file, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise MoeifyError(f"{file}:{number} is not UTF-8 text; save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -88,7 +92,10 @@ def _parquet(file: Path) -> Iterator[str]:
         raise MoeifyError(f"cannot read {file} as parquet ({str(error).splitlines()[0]}); give a parquet file with a 'text' column") from None
     if TEXT_FIELD not in table.column_names:
         raise MoeifyError(f"{file} has no column 'text' (columns: {', '.join(table.column_names)})")
-    yield from (t for t in table.column(TEXT_FIELD).to_pylist() if t and t.strip())
+    texts = table.column(TEXT_FIELD).to_pylist()
+    if any(t is not None and not isinstance(t, str) for t in texts):
+        raise MoeifyError(f"{file}'s column 'text' holds {table.schema.field(TEXT_FIELD).type}, not strings; give a column of text")
+    yield from (t for t in texts if t and t.strip())
 
 
 def _hf_dataset(path: Path) -> Iterator[str]:

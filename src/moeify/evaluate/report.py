@@ -2,7 +2,6 @@
 
 import base64
 import html
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from moeify.checkpoint.atomic import atomic_file, check_output
 from moeify.errors import MoeifyError
 from moeify.evaluate.plots import expert_share_heatmaps, line_plot
 from moeify.evaluate.run import EVAL_JSON, format_report
+from moeify.json_file import read_json, read_jsonl
 
 REPORT = "report.html"
 GENERATOR = '<meta name="generator" content="moeify report">'
@@ -47,7 +47,7 @@ def build_report(run_dir: Path, eval_dirs: list[Path] | None = None, out: Path |
     out = out or run_dir / REPORT
     reads = [metrics_file, run_dir / "config.yaml", *(eval_dirs or [])]
     check_output(out, force, reads, ours=is_report)
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    records = read_jsonl(metrics_file, "point `moeify report` at a `moeify train` run directory", last_may_be_cut=True)
     with tempfile.TemporaryDirectory() as figures, atomic_file(out, force, reads, is_report) as tmp:
         tmp.write_text(_html(run_dir, records, _sections(run_dir, records, eval_dirs, Path(figures))))
     return out
@@ -81,7 +81,7 @@ def _sections(run_dir: Path, records: list[dict], eval_dirs: list[Path] | None, 
                              f"dropped tokens in the last step: {last.get('dropped_tokens', 0)}"))
     for eval_dir in eval_dirs if eval_dirs is not None else sorted(run_dir.glob("eval*")):
         if (eval_dir / EVAL_JSON).is_file():
-            report = json.loads((eval_dir / EVAL_JSON).read_text())
+            report = read_json(eval_dir / EVAL_JSON, "run `moeify eval` again")
             sections.append((f"Evaluation: {eval_dir.name}", sorted(eval_dir.glob("*.png")), format_report(report)))
     if not sections:
         raise MoeifyError(f"{run_dir}/metrics.jsonl has no training steps and there is no evaluation to report")

@@ -1,6 +1,5 @@
 """Load any MoE directory moeify writes (stock formats, and moeify's own with an MLP gate) for training or evaluation."""
 
-import json
 from pathlib import Path
 
 import torch
@@ -10,13 +9,14 @@ from transformers.utils import logging as hf_logging
 
 from moeify.checkpoint.formats import format_of_model_type
 from moeify.checkpoint.manifest import Manifest
+from moeify.json_file import weight_map
 from moeify.modeling.hf import MoEFeedForward, attach_moe_blocks, moe_layers
 
 
 def _weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        return sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+        return sorted({path / f for f in weight_map(index).values()})
     return [path / "model.safetensors"]
 
 

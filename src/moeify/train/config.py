@@ -141,7 +141,13 @@ def load_recipe(path: Path, section: str = "train") -> dict:
     document = read_yaml(path, f"recipe {path}", "see recipes/ for examples")
     if not isinstance(document, dict):
         raise MoeifyError(f"recipe {path} must be a YAML mapping")
-    return document.get(section, {}) if {"build", "train"} & set(document) else document
+    if not {"build", "train"} & set(document):
+        return document
+    found = document.get(section) or {}
+    if not isinstance(found, dict):
+        raise MoeifyError(f"recipe {path}: its {section}: section is a {type(found).__name__}; it must be a mapping of settings "
+                          "(see recipes/ for examples)")
+    return found
 
 
 def recipe_values(path: Path, section: str) -> dict:
