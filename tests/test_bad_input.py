@@ -117,6 +117,17 @@ def _parquet_of_ints(ctx: dict) -> str:
     return str(path)
 
 
+def _tokenizer_too_large(ctx: dict) -> str:
+    """A copy of the tiny Llama whose tokenizer has 50 more tokens than the model has embeddings."""
+    from transformers import AutoTokenizer
+
+    path = _copy(ctx, "llama", "big-tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.add_tokens([f"extra{i}" for i in range(50)])
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def _damaged_data(ctx: dict, damage: Callable[[Path], None]) -> str:
     """A copy of the context's prepared data with `damage` done to it."""
     path = ctx["tmp"] / "data"
@@ -427,6 +438,10 @@ CASES = [
          keep=lambda c: c["tmp"] / "run"),
     Case("generate-negative-tokens", lambda c: ["generate", L(c), "--prompt", "hi", "--max-new-tokens", "-1"], "--max-new-tokens is -1"),
     Case("generate-empty-prompt", lambda c: ["generate", L(c), "--prompt", "  "], "--prompt is empty"),
+    Case("generate-tokenizer-larger-than-vocab", lambda c: ["generate", _tokenizer_too_large(c), "--prompt", "hi"],
+         "tokenizer has 370 tokens, more than the model's 320 embeddings"),
+    Case("eval-tokenizer-larger-than-vocab", lambda c: ["eval", _tokenizer_too_large(c), "--out", str(OUT(c))],
+         "tokenizer has 370 tokens, more than the model's 320 embeddings", OUT),
     Case("generate-missing-model", lambda c: ["generate", str(c["tmp"] / "nope"), "--prompt", "hi"], "no model at"),
     # train
     Case("train-data-meta-cut-short", lambda c: [*TRAIN(c)[:2], "--data", _damaged_data(c, lambda d: (d / "meta.json").write_text('{"seq_len": 3')),

@@ -46,4 +46,8 @@ def load_for_eval(spec: str, device: torch.device | str = "cpu"):
         model, blocks = load_moe_model(path, device)
     except (OSError, ValueError, KeyError) as error:
         raise MoeifyError(f"cannot load {spec} as a causal LM with transformers: {str(error).strip().splitlines()[0]}") from None
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:  # its ids would index past the embedding table
+        raise MoeifyError(f"{spec}'s tokenizer has {len(tokenizer)} tokens, more than the model's {rows} embeddings: it belongs to "
+                          "another model; put the model's own tokenizer files beside it")
     return path, model.eval(), tokenizer, blocks
