@@ -28,7 +28,7 @@ import torch
 from moeify.errors import MoeifyError
 from moeify.modeling.hf import MoEFeedForward
 from moeify.train.metrics import GPU_PEAK_TFLOPS, active_matmul_params, flops_per_token
-from moeify.train.parallelize import EXPERT_PARAMS, Layout, shard_dim
+from moeify.train.parallelize import EXPERT_PARAMS, Layout, local_elements
 
 # Dense bf16 (train/metrics.py) and TF32 tensor-core peaks (TFLOP/s, SXM parts) and per-GPU link line rates (Gb/s,
 # one direction): NVLink 4 (H100, H200) 450 GB/s, NVLink 3 (A100) 300 GB/s; one 400 Gb/s NDR (200 Gb/s HDR for
@@ -98,14 +98,9 @@ def fsdp_units(model: torch.nn.Module, layout: Layout) -> dict[str, int]:
     units: dict[str, int] = {}
     for name, param in model.named_parameters():
         unit = _unit_of(name, layout)
-        shape = list(param.shape)
-        group = layout.shard
-        if unit.startswith("experts"):
-            shape[0] //= layout.ep
-            group = layout.expert_shard
-        dim = shard_dim(tuple(shape), group, unit.startswith("experts"))
-        shape[dim] = math.ceil(shape[dim] / group) * group
-        units[unit] = units.get(unit, 0) + math.prod(shape)
+        experts = unit.startswith("experts")
+        padded, _ = local_elements(tuple(param.shape), layout, experts)
+        units[unit] = units.get(unit, 0) + padded * (layout.expert_shard if experts else layout.shard)
     return units
 
 

@@ -10,7 +10,6 @@ allow (plan_communication.py).
 """
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -25,7 +24,7 @@ from moeify.modeling import canonical as C
 from moeify.modeling.hf import attach_moe_blocks
 from moeify.plan_communication import GPUS, Links, describe_step, plan_step
 from moeify.schema import at_least, positive, validate
-from moeify.train.parallelize import Layout, check_experts, check_layout, shard_dim
+from moeify.train.parallelize import Layout, check_experts, check_layout, local_elements
 
 # Published configurations of dense models users upcycle (no hub is needed to plan for them).
 KNOWN_MODELS = {
@@ -108,21 +107,6 @@ def moe_meta_model(dense_config, num_experts: int, top_k: int, expert_size: int)
     return model
 
 
-def _local(shape: tuple[int, ...], layout: Layout, expert: bool) -> tuple[int, int]:
-    """(padded, rank-0) elements of one tensor on one rank."""
-    if layout.world == 1 or layout.parallel == "ddp":
-        return math.prod(shape), math.prod(shape)
-    shape, group = list(shape), layout.shard
-    split = expert and layout.ep > 1
-    if split:
-        shape[0] //= layout.ep
-        group = layout.expert_shard
-    dim = shard_dim(tuple(shape), group, split)
-    rest = math.prod(shape) // shape[dim]
-    chunk = math.ceil(shape[dim] / group)
-    return chunk * rest, min(chunk, shape[dim]) * rest
-
-
 def plan_memory(model: torch.nn.Module, layout: Layout, seq_len: int, micro_batch: int, compute_bytes: int,
                 activation_checkpointing: str = "none", loss_chunk: int = 4096, gradient_sync: str = "micro-batch") -> MemoryPlan:
     padded = rank0 = total = unsharded = 0
@@ -130,7 +114,7 @@ def plan_memory(model: torch.nn.Module, layout: Layout, seq_len: int, micro_batc
     layer_sizes: dict[int, int] = {}
     for name, param in model.named_parameters():
         expert = name.endswith(EXPERT_TENSORS)
-        p, r = _local(tuple(param.shape), layout, expert)
+        p, r = local_elements(tuple(param.shape), layout, expert)
         padded, rank0, total = padded + p, rank0 + r, total + param.numel()
         gathered = param.numel() // (layout.ep if expert else 1)  # a rank gathers only its own experts
         unsharded += gathered

@@ -11,6 +11,7 @@ FSDP2 shards every parameter on a dimension its group size divides (`even_shard`
 tensors [E, 2F, D] are not padded when there are more ranks than experts.
 """
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -97,6 +98,22 @@ def shard_dim(shape: tuple[int, ...], group_size: int, split_over_experts: bool 
     dims = [d for d in range(len(shape)) if not (split_over_experts and d == 0)]
     even = [d for d in dims if shape[d] % group_size == 0]
     return even[0] if even else dims[0]
+
+
+def local_elements(shape: tuple[int, ...], layout: Layout, expert: bool) -> tuple[int, int]:
+    """(padded, rank-0) elements of one tensor of `shape` on one rank in `layout`: an expert tensor under EP
+    holds E / ep experts, sharded over the expert-shard group; FSDP2 pads the sharded dimension."""
+    if layout.world == 1 or layout.parallel == "ddp":
+        return math.prod(shape), math.prod(shape)
+    shape, group = list(shape), layout.shard
+    split = expert and layout.ep > 1
+    if split:
+        shape[0] //= layout.ep
+        group = layout.expert_shard
+    dim = shard_dim(tuple(shape), group, split)
+    rest = math.prod(shape) // shape[dim]
+    chunk = math.ceil(shape[dim] / group)
+    return chunk * rest, min(chunk, shape[dim]) * rest
 
 
 def even_shard(group_size: int):
