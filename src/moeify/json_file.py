@@ -7,19 +7,21 @@ from pathlib import Path
 from moeify.errors import MoeifyError
 
 
-def _text(path: Path, fix: str) -> str:
+def read_text(path: Path, fix: str, what: str | None = None) -> str:
+    """A user's UTF-8 file; `what` names it in the messages (default: its path), `fix` says what to give."""
+    what = what or str(path)
     try:
         return Path(path).read_text(encoding="utf-8")
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise MoeifyError(f"{path} does not exist; {fix}") from None
+        raise MoeifyError(f"{what} does not exist; {fix}") from None
     except UnicodeDecodeError:
-        raise MoeifyError(f"{path} is not a text file (not UTF-8); {fix}") from None
+        raise MoeifyError(f"{what} is not a text file (not UTF-8); {fix}") from None
 
 
 def read_json(path: Path, fix: str, kind: type = dict) -> object:
     """The parsed document, which must be a `kind` (a JSON object by default); `fix` says what to do."""
     try:
-        value = json.loads(_text(path, fix))
+        value = json.loads(read_text(path, fix))
     except json.JSONDecodeError as error:
         raise MoeifyError(f"{path} is cut short or not JSON ({error.msg}, line {error.lineno}); {fix}") from None
     if not isinstance(value, kind):
@@ -39,7 +41,7 @@ def weight_map(index: Path) -> dict[str, str]:
 def read_jsonl(path: Path, fix: str, last_may_be_cut: bool = False) -> list[dict]:
     """One JSON object a line (blank lines skipped). `last_may_be_cut`: a file appended to by a process that may
     have been killed mid-line (metrics.jsonl) loses that last line instead of failing."""
-    lines = [line for line in _text(path, fix).splitlines() if line.strip()]
+    lines = [line for line in read_text(path, fix).splitlines() if line.strip()]
     records = []
     for number, line in enumerate(lines, 1):
         try:

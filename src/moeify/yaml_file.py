@@ -1,20 +1,16 @@
-"""A user's YAML (or JSON) file read with every problem refused in one line."""
+"""A user's YAML (or JSON) file read with every problem refused in one line (the text read as json_file.py reads it)."""
 
 from pathlib import Path
 
 import yaml
 
 from moeify.errors import MoeifyError
+from moeify.json_file import read_text
 
 
 def read_yaml(path: Path, what: str, fix: str) -> object:
     """The parsed document; `what` names the file in the messages ("recipe r.yaml"), `fix` says what to give."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise MoeifyError(f"{what} does not exist; {fix}") from None
-    except UnicodeDecodeError:
-        raise MoeifyError(f"{what} is not a text file (not UTF-8); {fix}") from None
+    text = read_text(path, fix, what)
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as error:

@@ -100,13 +100,18 @@ def _digest(path: Path) -> str:
         return hashlib.file_digest(f, "blake2b").hexdigest()
 
 
+def _entry(path: Path) -> list:
+    """A file's manifest entry: [size, BLAKE2b digest]."""
+    return [path.stat().st_size, _digest(path)]
+
+
 def _file_digests(directory: Path, env: DistEnv, only: list[str] | None = None) -> dict[str, list]:
     """{path relative to `directory`: [size, digest]} of its files (or of `only`, on this rank alone); the ranks
     read a share each (file i on rank i mod world), then exchange them."""
     if only is not None:
-        return {name: [(directory / name).stat().st_size, _digest(directory / name)] for name in only}
+        return {name: _entry(directory / name) for name in only}
     files = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-    mine = {name: [(directory / name).stat().st_size, _digest(directory / name)] for i, name in enumerate(files) if i % env.world_size == env.rank}
+    mine = {name: _entry(directory / name) for i, name in enumerate(files) if i % env.world_size == env.rank}
     merged: dict[str, list] = {}
     for part in gather_to_list(mine, env):
         merged |= part

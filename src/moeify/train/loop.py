@@ -60,8 +60,8 @@ def train(config: TrainConfig, construction: ConstructionConfig | None = None, p
     try:
         for step in range(run.start_step + 1, end_step + 1):
             try:
-                record = _step(run, step, terminated.is_set())
-                result.stopped_by_signal = record["_stop"] and step < run.steps
+                record, stop = _step(run, step, terminated.is_set())
+                result.stopped_by_signal = stop and step < run.steps
                 if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == end_step or result.stopped_by_signal:
                     run.last_checkpoint = _checkpoint(run, step)
             except OSError as error:
@@ -98,9 +98,9 @@ def _on_sigterm(handler):
     return signal.signal(signal.SIGTERM, handler)
 
 
-def _step(run: Session, step: int, stop_requested: bool = False) -> dict:
-    """One optimizer step, its metrics logged (and the held-out evaluation when due). `_stop` in the record:
-    some rank got SIGTERM before this step's statistics were reduced, so every rank stops after it."""
+def _step(run: Session, step: int, stop_requested: bool = False) -> tuple[dict, bool]:
+    """One optimizer step, its metrics logged (and the held-out evaluation when due), and whether some rank
+    got SIGTERM before this step's statistics were reduced, so that every rank stops after it."""
     config = run.config
     started = time.perf_counter()
     with CollectiveCounter() if config.count_collectives else nullcontext() as counter:
@@ -143,8 +143,7 @@ def _step(run: Session, step: int, stop_requested: bool = False) -> dict:
         if run.env.device.type == "cuda":
             record["peak_device_memory_mb"] = gather_to_list(round(peak_device_memory_mb(run.env.device), 1), run.env)
         run.logger.log(record)
-    record["_stop"] = stop
-    return record
+    return record, stop
 
 
 def _micro_batch(run: Session) -> MicroBatch:
