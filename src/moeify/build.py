@@ -18,6 +18,7 @@ from moeify.checkpoint.formats.base import print_engine_limits
 from moeify.checkpoint.resolve import resolve_model
 from moeify.checkpoint.writer import DTYPES, cast_floating, write_checkpoint
 from moeify.construct import ConstructionConfig, ConstructionPlan
+from moeify.construct.refit import Refitter
 from moeify.errors import MoeifyError
 from moeify.schema import from_flat, positive
 
@@ -94,6 +95,7 @@ def moe_tensors(dense: DenseCheckpoint, plan: ConstructionPlan, fmt: OutputForma
             other_names.append(name)
     for name in sorted(n for n in other_names if n.startswith("model.embed")):
         yield name, plan.tensor(dense, name)
+    refitter = Refitter(dense.path, plan.config, progress) if plan.config.refit else None
     with tqdm(range(dense.num_layers), desc=f"build {plan.method.name}", unit="layer", disable=not progress, file=sys.stderr) as layers:
         for layer in layers:
             for name in sorted(layer_names.get(layer, [])):
@@ -101,12 +103,18 @@ def moe_tensors(dense: DenseCheckpoint, plan: ConstructionPlan, fmt: OutputForma
                     yield name, plan.tensor(dense, name)
             for name, shape in fmt.zero_tensors(dense.config, layer).items():
                 yield name, torch.zeros(shape, dtype=dense.dtype())
-            moe_layer = fmt.from_construction(plan.layer(dense, layer), plan.expert_size)
+            constructed = plan.layer(dense, layer)
+            if refitter is not None:
+                constructed = refitter.layer(layer, constructed)
+                layers.set_postfix(error=f"{refitter.stats.error_before[-1]:.3f}->{refitter.stats.error_after[-1]:.3f}")
+            moe_layer = fmt.from_construction(constructed, plan.expert_size)
             yield from fmt.disk_tensors(layer, moe_layer, plan.config.router.gate, layout)
     for name in sorted(n for n in other_names if not n.startswith("model.embed")):
         yield name, plan.tensor(dense, name)
     if fmt.explicit_lm_head and "lm_head.weight" not in dense.tensor_names:  # tied embeddings
         yield "lm_head.weight", plan.tensor(dense, "model.embed_tokens.weight")
+    if refitter is not None and progress:
+        print(refitter.summary(), file=sys.stderr)
 
 
 def weights_digest(files: list[Path]) -> str:

@@ -27,6 +27,8 @@ def split(config: SplitConfig, progress: bool = True) -> Partition:
         raise MoeifyError(f"--out {out} is a directory; give a file name such as {out / 'partition.safetensors'}")
     if config.construction.partition is not None:
         raise MoeifyError("--partition is the input of build; split makes a partition from --method and its options")
+    if config.construction.refit:
+        raise MoeifyError("--refit changes weights, not the partition: drop it here and give it to `moeify build --partition`")
     reads = [Path(config.model), *config.construction.read_paths()]
     check_output(out, config.force, reads, ours=Partition.is_partition_file)
     dense = DenseCheckpoint(resolve_model(config.model))

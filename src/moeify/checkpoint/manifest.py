@@ -37,6 +37,8 @@ class Manifest:
     """The method and its options (construct.config.method_options)."""
     source_sha256: str | None = None
     partition: str | None = None
+    refit: dict | None = None
+    """build --refit: the calibration text the routers and down projections were refitted on."""
     built_online: bool = False
     exported_from: str | None = None
     training: dict | None = None

@@ -163,6 +163,9 @@ class ConstructionConfig:
     experts' outputs (LLaMA-MoE; AdamW then moves s x W_down s times faster). Written folded either way."""
     partition: Path | None = None
     """A `moeify split` partition file; its method and method options replace the given ones."""
+    refit: bool = False
+    """Refit each layer's router and down projections by least squares so each MoE block reproduces its dense
+    FFN on the calibration text, layer by layer (training-free; needs --calibration; not for upcycling)."""
     format: str | None = None
     """Output format (mixtral, qwen2_moe, qwen3_moe, deepseek-v3); default: sigmoid routing -> deepseek-v3,
     else the dense family's own, else qwen2_moe."""

@@ -29,7 +29,7 @@ def settings_read(config: ConstructionConfig, method: ConstructionMethod, router
     """The method- and router-specific settings this construction reads."""
     router = config.router
     reads = set(method.options)
-    if router_init == "calibration":
+    if router_init == "calibration" or config.refit:
         reads |= CALIBRATION_OPTIONS
     if router_init in TEXT_ROUTER_INITS:
         reads.add("text_router_rule")
@@ -52,7 +52,7 @@ def _readers(name: str) -> str:
         return ROUTER_CONDITIONS[name]
     methods = [method for method, m in METHODS.items() if name in m.options]
     readers = f"--method {', '.join(methods[:-1])} or {methods[-1]}" if len(methods) > 1 else f"--method {methods[0]}"
-    return readers + (" (and --router-init calibration)" if name in CALIBRATION_OPTIONS else "")
+    return readers + (" (and --router-init calibration or --refit)" if name in CALIBRATION_OPTIONS else "")
 
 
 def _flag(name: str) -> str:

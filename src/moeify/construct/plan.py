@@ -27,6 +27,7 @@ from moeify.construct.options import (
     requested_router_init,
 )
 from moeify.construct.partition import Partition, model_fingerprint
+from moeify.construct.refit import check_refit
 from moeify.construct.registry import get_method
 from moeify.construct.seeding import MLP_GATE_STREAM, ROUTER_STREAM, layer_generator
 from moeify.construct.text_router import text_router_rows
@@ -97,6 +98,7 @@ class ConstructionPlan:
                 raise MoeifyError(f"--router-init {plan.router_init} runs the dense model on its text, which online upcycling does not "
                                   f"do on every rank: `moeify build` the MoE once and train the built checkpoint")
             plan.router_rows = text_router_rows(dense, config, plan.router_init, progress)
+        check_refit(config, plan.ffn_size, plan.expert_size, plan.shared_size, online=not compute_partition)
         return plan
 
     @property
@@ -155,7 +157,16 @@ class ConstructionPlan:
                                 **({"text_router_rule": router.text_router_rule} if self.router_init in TEXT_ROUTER_INITS else {}),
                                 **({"expert_prompts": str(router.expert_prompts)} if router.expert_prompts is not None else {})},
                         options=method_options(self.config), scale_placement=self.config.scale_placement,
-                        partition=str(self.config.partition) if self.config.partition is not None else None)
+                        partition=str(self.config.partition) if self.config.partition is not None else None,
+                        refit=self.refit_record())
+
+    def refit_record(self) -> dict | None:
+        """What moeify.json records of a least-squares refit (build --refit)."""
+        if not self.config.refit:
+            return None
+        data = self.config.data
+        return {"calibration": data.calibration, "calibration_tokens": data.calibration_tokens,
+                "calibration_seq_len": data.calibration_seq_len}
 
     def neurons(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(experts [E, S], shared [S0]) dense neuron indices of one layer."""
