@@ -7,7 +7,7 @@ import yaml
 from moeify.cli import main
 from moeify.experiment import EXPERIMENTS_DIR, load_experiment
 
-SHIPPED = ["construction", "scale", "sampling", "upcycle-vs-dense", "capacity", "distill"]
+SHIPPED = ["construction", "scale", "sampling", "upcycle-vs-dense", "capacity", "distill", "refit"]
 
 
 def test_shipped_experiments_parse_and_give_every_arm_the_same_budget():

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 M=.venv/bin/moeify
-for name in upcycle-vs-dense capacity scale sampling construction distill; do
+for name in upcycle-vs-dense capacity scale sampling construction distill refit; do
   $M experiment "$name" --out "docs/results/$name" --force
 done
 $M compare-init smollm2-135m --experts 8 --top-k 2 --out docs/results/compare-init --force

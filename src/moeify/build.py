@@ -95,7 +95,7 @@ def moe_tensors(dense: DenseCheckpoint, plan: ConstructionPlan, fmt: OutputForma
             other_names.append(name)
     for name in sorted(n for n in other_names if n.startswith("model.embed")):
         yield name, plan.tensor(dense, name)
-    refitter = Refitter(dense.path, plan.config, progress) if plan.config.refit else None
+    refitter = Refitter(dense.path, plan.config) if plan.config.refit else None
     with tqdm(range(dense.num_layers), desc=f"build {plan.method.name}", unit="layer", disable=not progress, file=sys.stderr) as layers:
         for layer in layers:
             for name in sorted(layer_names.get(layer, [])):

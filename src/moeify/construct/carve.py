@@ -290,6 +290,40 @@ def first_layer_inputs(model: torch.nn.Module, blocks_NS: torch.Tensor, batch_si
     return captured
 
 
+class LayerWalk:
+    """The dense model's layers in order on calibration blocks, each MLP replaced by what the caller makes of
+    it: `mlp_inputs(L)` gives layer L's FFN inputs [T, D] (after its attention, on what the layers below
+    passed on), `advance(output_TD)` adds the caller's FFN output to the residual for layer L + 1."""
+
+    def __init__(self, model: torch.nn.Module, blocks_NS: torch.Tensor, batch_size: int = 8):
+        self.model = model
+        self.batches = first_layer_inputs(model, blocks_NS, batch_size)
+        self.residuals: list[torch.Tensor] = []
+        self.inputs: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def mlp_inputs(self, index: int) -> torch.Tensor:
+        layer = self.model.model.layers[index]
+        mlp, recorder = layer.mlp, _Recorder()
+        layer.mlp = recorder
+        try:
+            self.residuals = [_first(layer(hidden, **kwargs)) for hidden, kwargs in self.batches]
+        finally:
+            layer.mlp = mlp
+        self.inputs = recorder.inputs
+        return torch.cat([x.reshape(-1, x.shape[-1]) for x in self.inputs])
+
+    def advance(self, output_TD: torch.Tensor) -> None:
+        outputs = output_TD.split([x.shape[:-1].numel() for x in self.inputs])
+        self.batches = [(residual + y.view_as(x).to(residual.dtype), kwargs)
+                        for residual, x, y, (_, kwargs) in zip(self.residuals, self.inputs, outputs, self.batches)]
+        self.residuals, self.inputs = [], []
+
+
+def _first(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
 class Carve(ConstructionMethod):
     name = "carve"
     description = ("training-free carving from calibration activations: shared block by contribution, experts by balanced "
@@ -339,26 +373,18 @@ class Carve(ConstructionMethod):
         F_, shared_size = dense.ffn_size, self.shared_size(dense.ffn_size, options)
         scale = options.scale if options.scale is not None else self.default_scale(F_, options, options.router.top_k, options.router.spec())
         model = calib.load_dense_model(dense.path)
-        batches = first_layer_inputs(model, data.blocks_NS, batch_size=8)
+        walk = LayerWalk(model, data.blocks_NS)
         layers: list[CarvedLayer] = []
         bar = tqdm(model.model.layers, desc="carve", unit="layer", disable=not progress, file=sys.stderr)
         with torch.no_grad():
             for index, layer in enumerate(bar):
-                mlp, recorder = layer.mlp, _Recorder()
-                layer.mlp = recorder
-                try:
-                    residuals = [self._first(layer(hidden, **kwargs)) for hidden, kwargs in batches]
-                finally:
-                    layer.mlp = mlp
-                x_TD = torch.cat([x.reshape(-1, x.shape[-1]) for x in recorder.inputs])
-                carver = LayerCarver(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, x_TD, options,
+                mlp = layer.mlp
+                carver = LayerCarver(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, walk.mlp_inputs(index), options,
                                      shared_size, scale, index)
                 carved = carver.carve()
                 layers.append(carved)
                 bar.set_postfix(error=f"{carved.stats['error']:.3f}")
-                outputs = carver.output_TD.split([x.shape[:-1].numel() for x in recorder.inputs])  # what the next layer receives
-                batches = [(residual + y.view_as(x).to(residual.dtype), kwargs)
-                           for residual, x, y, (_, kwargs) in zip(residuals, recorder.inputs, outputs, batches)]
+                walk.advance(carver.output_TD)  # what the next layer receives
                 del carver
         info = {"calibration_tokens": data.tokens, "scale": scale,
                 "reconstruction_error": [round(c.stats["error"], 6) for c in layers],
@@ -367,7 +393,3 @@ class Carve(ConstructionMethod):
                          [c.experts_ES for c in layers], [c.shared_S for c in layers], model_fingerprint(dense),
                          method_options(options), info, router=[c.router_ED for c in layers],
                          selection_bias=[c.bias_E for c in layers], expert_scales=[c.scales_E for c in layers])
-
-    @staticmethod
-    def _first(output) -> torch.Tensor:
-        return output[0] if isinstance(output, tuple) else output

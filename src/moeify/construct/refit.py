@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from moeify.construct import calibration as calib
-from moeify.construct.carve import _Recorder, first_layer_inputs
+from moeify.construct.carve import LayerWalk
 from moeify.construct.config import ConstructionConfig
 from moeify.errors import MoeifyError
 from moeify.modeling.canonical import FFNWeights, MoELayer
@@ -59,34 +59,24 @@ class RefitStats:
 class Refitter:
     """Refits each layer in order; `layer(index, moe_layer)` must be called for 0, 1, 2, ... in turn."""
 
-    def __init__(self, dense_path, config: ConstructionConfig, progress: bool = True):
+    def __init__(self, dense_path, config: ConstructionConfig):
         data = calib.load_calibration(config.data.calibration, dense_path, config.data.calibration_tokens,
                                       config.data.calibration_seq_len)
         self.model = calib.load_dense_model(dense_path)
-        self.batches = first_layer_inputs(self.model, data.blocks_NS, batch_size=8)
-        self.spec, self.top_k, self.progress = config.router.spec(), config.router.top_k, progress
+        self.walk = LayerWalk(self.model, data.blocks_NS)
+        self.spec, self.top_k = config.router.spec(), config.router.top_k
         self.tokens = data.tokens
         self.stats = RefitStats([], [], [])
 
     @torch.no_grad()
     def layer(self, index: int, moe: MoELayer) -> MoELayer:
-        decoder = self.model.model.layers[index]
-        dense_mlp, recorder = decoder.mlp, _Recorder()
-        decoder.mlp = recorder
-        try:
-            residuals = [_first(decoder(hidden, **kwargs)) for hidden, kwargs in self.batches]
-        finally:
-            decoder.mlp = dense_mlp
-        x_TD = torch.cat([x.reshape(-1, x.shape[-1]) for x in recorder.inputs]).float()
-        target_TD = dense_mlp(x_TD).float()
+        x_TD = self.walk.mlp_inputs(index).float()
+        target_TD = self.model.model.layers[index].mlp(x_TD).float()
         refitted, before, output_TD, temperature = refit_layer(moe, x_TD, target_TD, self.spec, self.top_k)
-        self.stats.temperatures.append(temperature)
-        after = relative_error(output_TD, target_TD)
         self.stats.error_before.append(before)
-        self.stats.error_after.append(after)
-        outputs = output_TD.split([x.shape[:-1].numel() for x in recorder.inputs])
-        self.batches = [(residual + y.view_as(x).to(residual.dtype), kwargs)
-                        for residual, x, y, (_, kwargs) in zip(residuals, recorder.inputs, outputs, self.batches)]
+        self.stats.error_after.append(relative_error(output_TD, target_TD))
+        self.stats.temperatures.append(temperature)
+        self.walk.advance(output_TD)
         return refitted
 
     def summary(self) -> str:
@@ -204,7 +194,3 @@ def solve_downs(features_TN: torch.Tensor, target_TD: torch.Tensor, current_DN: 
     ridge = DOWN_RIDGE * gram_NN.diagonal().mean().clamp_min(1e-30)
     eye = torch.eye(len(gram_NN), dtype=torch.float64)
     return torch.linalg.solve(gram_NN + ridge * eye, rhs_ND + ridge * current_DN.T.double()).T.float()
-
-
-def _first(output) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
