@@ -109,6 +109,22 @@ def routed_coefficients(router: TopKRouter, x_TD: torch.Tensor, factor_E: torch.
     return torch.zeros(x_TD.shape[0], router.num_experts).scatter(1, routing.indices_TK, routing.weights_TK) * factor_E
 
 
+def relative_error(output_TD: torch.Tensor, target_TD: torch.Tensor) -> float:
+    """||output - target||^2 / ||target||^2."""
+    return float((output_TD - target_TD).pow(2).sum() / target_TD.pow(2).sum().clamp_min(1e-30))
+
+
+def ridge_router_rows(x_TD: torch.Tensor, score_TE: torch.Tensor, ridge: float) -> torch.Tensor:
+    """[E, D] fp32 rows W minimising ||x W^T - s||^2 + ridge mean(diag X^T X) ||W||^2, s the scores centred
+    per token (so the top-k logits are the best-scored experts), scaled to unit logit std."""
+    x = x_TD.double()
+    gram_DD = x.T @ x
+    centred_TE = (score_TE - score_TE.mean(dim=1, keepdim=True)).double()
+    weight_ED = torch.linalg.solve(gram_DD + ridge * gram_DD.diagonal().mean() * torch.eye(len(gram_DD), dtype=torch.float64),
+                                   x.T @ centred_TE).T
+    return (weight_ED / (x @ weight_ED.T).std().clamp_min(1e-30)).float()
+
+
 def expert_outputs(h_TF: torch.Tensor, down_DF: torch.Tensor, experts_ES: torch.Tensor) -> torch.Tensor:
     """[T, E, D]: each routed expert's full output per token."""
     h_TES = h_TF[:, experts_ES]
@@ -146,7 +162,7 @@ class LayerCarver:
                 self.balance()
             scales = self.fit_scales(experts) if self.options.carve.expert_scales else torch.ones(self.E)
         self.output_TD = torch.cat([self._carved(part, experts, scales) for part in self._chunks(slice(None))])
-        stats["error"] = float((self.output_TD - self.target_TD).pow(2).sum() / self.target_TD.pow(2).sum().clamp_min(1e-30))
+        stats["error"] = relative_error(self.output_TD, self.target_TD)
         return CarvedLayer(experts, shared, self.router.weight.detach().clone(), self.router.selection_bias.clone(), scales, stats)
 
     def choose_shared(self, contribution_TF: torch.Tensor) -> torch.Tensor:
@@ -175,13 +191,7 @@ class LayerCarver:
     def fit_router(self, contribution_TF: torch.Tensor, experts_ES: torch.Tensor) -> None:
         """Ridge regression x -> centred per-expert contribution; rows rescaled to unit logit std."""
         score_TE = torch.stack([contribution_TF[:, e].sum(1) for e in experts_ES], dim=1)
-        score_TE = score_TE - score_TE.mean(dim=1, keepdim=True)
-        x = self.x_TD.double()
-        gram_DD = x.T @ x
-        ridge = self.options.carve.router_ridge * gram_DD.diagonal().mean()
-        weight_ED = torch.linalg.solve(gram_DD + ridge * torch.eye(gram_DD.shape[0], dtype=torch.float64), x.T @ score_TE.double()).T
-        logits = x @ weight_ED.T
-        self.router.weight.data.copy_((weight_ED / logits.std().clamp_min(1e-30)).float())
+        self.router.weight.data.copy_(ridge_router_rows(self.x_TD, score_TE, self.options.carve.router_ridge))
 
     def _coefficients(self, x_TD: torch.Tensor, scales_E: torch.Tensor) -> torch.Tensor:
         return routed_coefficients(self.router, x_TD, self.scale * scales_E)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from moeify.construct import calibration as calib
-from moeify.construct.carve import LayerWalk
+from moeify.construct.carve import LayerWalk, relative_error, ridge_router_rows
 from moeify.construct.config import ConstructionConfig
 from moeify.errors import MoeifyError
 from moeify.modeling.canonical import FFNWeights, MoELayer
@@ -86,10 +86,6 @@ class Refitter:
         return (f"refit on {self.tokens} calibration tokens: each layer's relative squared error against the dense FFN, mean "
                 f"{sum(before) / len(before):.4f} -> {sum(after) / len(after):.4f} (worst {max(before):.4f} -> {max(after):.4f})"
                 + (f"; router temperatures {counts}" if counts else ""))
-
-
-def relative_error(output_TD: torch.Tensor, target_TD: torch.Tensor) -> float:
-    return float((output_TD - target_TD).pow(2).sum() / target_TD.pow(2).sum().clamp_min(1e-30))
 
 
 @torch.no_grad()
@@ -160,13 +156,7 @@ def fitted_router(layout: Layout, activations_TN: torch.Tensor, down_DN: torch.T
     residual_TD = target_TD - activations_TN[:, shared_N] @ down_DN[:, shared_N].T
     # <down_e h_e, r> summed neuron by neuron: (h * (r down)) over each expert's neurons
     use_TE = torch.zeros(x_TD.shape[0], E + 1).index_add_(1, expert_N, activations_TN * (residual_TD @ down_DN))[:, :E]
-    use_TE = use_TE / residual_TD.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    x = x_TD.double()
-    gram_DD = x.T @ x
-    ridge = ROUTER_RIDGE * gram_DD.diagonal().mean()
-    rhs_DE = x.T @ (use_TE - use_TE.mean(dim=1, keepdim=True)).double()
-    weight_ED = torch.linalg.solve(gram_DD + ridge * torch.eye(len(gram_DD), dtype=torch.float64), rhs_DE).T
-    return (weight_ED / (x @ weight_ED.T).std().clamp_min(1e-30)).float()
+    return ridge_router_rows(x_TD, use_TE / residual_TD.norm(dim=1, keepdim=True).clamp_min(1e-12), ROUTER_RIDGE)
 
 
 def choose_temperature(router: TopKRouter, weight_ED: torch.Tensor, layout: Layout, activations_TN: torch.Tensor,
