@@ -58,3 +58,20 @@ def test_data_prepare_and_report_through_the_command_line(tiny_moe, tmp_path, ca
     assert "trained 2 steps" in capsys.readouterr().out
     assert main(["report", str(run)]) == 0
     assert (run / "report.html").read_text().startswith("<!doctype html>")
+
+
+def test_version_and_the_verbs_by_stage(capsys):
+    from moeify import __version__
+    from moeify.cli import STAGES
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"moeify {__version__}"
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    headings = [text.index(f"\n{heading}:\n") for heading in STAGES.values()]
+    assert headings == sorted(headings)
+    for verb in VERBS:
+        stage_index = list(STAGES).index(verb.stage)
+        position = text.index(f"\n  {verb.name} ")
+        assert headings[stage_index] < position, verb.name
+        assert stage_index + 1 == len(headings) or position < headings[stage_index + 1], verb.name

@@ -15,6 +15,7 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any
 
+from moeify import __version__
 from moeify.checkpoint.atomic import also_reading
 from moeify.errors import (
     MoeifyError,
@@ -41,37 +42,48 @@ class Verb:
     """The recipe section (build or train) whose keys are defaults for the flags."""
     output: str | None = None
     """The leaf naming what the verb writes; it goes through the one output rule (checkpoint/atomic.py)."""
+    stage: str = "start"
+    """The heading `moeify --help` lists the verb under (STAGES, in the order a user walks them)."""
 
 
 MODEL_ALIAS = {"model": ("--model",), "num_experts": ("--experts",)}
 CONSTRUCTION_ONLY = frozenset({"method", "partition"})
+STAGES = {
+    "start": "start here",
+    "construct": "make an MoE from a dense model",
+    "train": "train it (continual pre-training, distillation)",
+    "evaluate": "measure it",
+    "ship": "ship it",
+    "plan": "plan a cluster job",
+}
 VERBS = [
-    Verb("inspect", "describe a dense model and the MoE each method would make", "moeify.inspect_model:InspectConfig",
-         "moeify.inspect_model:run_inspect", ("model",), MODEL_ALIAS),
-    Verb("build", "build an MoE checkpoint from a dense model", "moeify.build:BuildConfig", "moeify.build:run_build",
-         ("model",), MODEL_ALIAS, recipe="build", output="out"),
-    Verb("split", "write a partition file (moeify inspect lists the methods)", "moeify.split:SplitConfig", "moeify.split:run_split",
-         ("model",), MODEL_ALIAS, recipe="build", output="out"),
-    Verb("export", "write a built or trained MoE as a stock transformers checkpoint (verified)", "moeify.checkpoint.export:ExportConfig",
-         "moeify.checkpoint.export:run_export", ("model",), MODEL_ALIAS, output="out"),
-    Verb("compare-init", "held-out perplexity of each construction method, untrained", "moeify.compare_init:CompareInitConfig",
-         "moeify.compare_init:run_compare_init", ("model",), MODEL_ALIAS, CONSTRUCTION_ONLY, recipe="build", output="out"),
-    Verb("experiment", "run a paper comparison (moeify/experiments/NAME.yaml): every arm, same budget and seed",
-         "moeify.experiment:ExperimentConfig", "moeify.experiment:run_experiment_command", ("spec",), output="out"),
-    Verb("quickstart", "build, reload and compare upcycled and random-split MoEs", "moeify.quickstart:QuickstartConfig",
+    Verb("quickstart", "the main job: upcycled, carved and split MoEs of one model, trained briefly and compared", "moeify.quickstart:QuickstartConfig",
          "moeify.quickstart:run_quickstart", ("model",), MODEL_ALIAS, output="work_dir"),
+    Verb("inspect", "describe a dense model and the MoE each method would make", "moeify.inspect_model:InspectConfig",
+         "moeify.inspect_model:run_inspect", ("model",), MODEL_ALIAS, stage="construct"),
+    Verb("build", "build an MoE checkpoint from a dense model", "moeify.build:BuildConfig", "moeify.build:run_build",
+         ("model",), MODEL_ALIAS, recipe="build", output="out", stage="construct"),
+    Verb("split", "write a partition file (the experts' neurons) for build --partition", "moeify.split:SplitConfig", "moeify.split:run_split",
+         ("model",), MODEL_ALIAS, recipe="build", output="out", stage="construct"),
+    Verb("compare-init", "held-out perplexity of each construction method, untrained", "moeify.compare_init:CompareInitConfig",
+         "moeify.compare_init:run_compare_init", ("model",), MODEL_ALIAS, CONSTRUCTION_ONLY, recipe="build", output="out",
+         stage="construct"),
     Verb("data prepare", "tokenise and pack corpora per domain (default: the embedded corpus)", "moeify.data.prepare:PrepareConfig",
-         "moeify.data.prepare:run_prepare", ("model",), {**MODEL_ALIAS, "sources": ("--source",)}, output="out"),
+         "moeify.data.prepare:run_prepare", ("model",), {**MODEL_ALIAS, "sources": ("--source",)}, output="out", stage="train"),
+    Verb("train", "continual pre-training or distillation (torchrun for several ranks)", "moeify.train.command:TrainCommand",
+         "moeify.train.command:run_train", ("model",), MODEL_ALIAS, recipe="train", output="out", stage="train"),
     Verb("eval", "per-domain loss, perplexity, bits per byte and routing of models side by side", "moeify.evaluate.run:EvalConfig",
-         "moeify.evaluate.run:run_eval", ("models",), {"sources": ("--source", "--data")}, output="out"),
+         "moeify.evaluate.run:run_eval", ("models",), {"sources": ("--source", "--data")}, output="out", stage="evaluate"),
     Verb("report", "HTML report of a training run (and its evaluations)", "moeify.evaluate.report:ReportConfig",
-         "moeify.evaluate.report:run_report", ("run",), {"evals": ("--eval",)}, output="out"),
+         "moeify.evaluate.report:run_report", ("run",), {"evals": ("--eval",)}, output="out", stage="evaluate"),
     Verb("generate", "greedy completion of a prompt", "moeify.evaluate.generate:GenerateConfig", "moeify.evaluate.generate:run_generate",
-         ("model",), MODEL_ALIAS),
-    Verb("plan-memory", "per-GPU memory of a training job for a layout (GPUs, --ep, --hsdp)", "moeify.plan_memory:PlanMemoryConfig",
-         "moeify.plan_memory:run_plan_memory", ("model",), MODEL_ALIAS),
-    Verb("train", "continual pre-training (run under torchrun for several ranks)", "moeify.train.command:TrainCommand",
-         "moeify.train.command:run_train", ("model",), MODEL_ALIAS, recipe="train", output="out"),
+         ("model",), MODEL_ALIAS, stage="evaluate"),
+    Verb("experiment", "run a paper comparison (construction, scale, sampling, distill, refit, ...): every arm, same budget and seed",
+         "moeify.experiment:ExperimentConfig", "moeify.experiment:run_experiment_command", ("spec",), output="out", stage="evaluate"),
+    Verb("export", "write a built or trained MoE as a stock transformers checkpoint (verified)", "moeify.checkpoint.export:ExportConfig",
+         "moeify.checkpoint.export:run_export", ("model",), MODEL_ALIAS, output="out", stage="ship"),
+    Verb("plan-memory", "per-GPU memory, collectives and step time of a training layout (GPUs, --ep, --hsdp)", "moeify.plan_memory:PlanMemoryConfig",
+         "moeify.plan_memory:run_plan_memory", ("model",), MODEL_ALIAS, stage="plan"),
 ]
 
 
@@ -137,21 +149,40 @@ class _Parser(argparse.ArgumentParser):
 def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The argument parser; only the verb named in `argv` gets its flags (so only its module is imported)."""
     words = sys.argv[1:] if argv is None else argv
-    root = _Parser(prog="moeify", description="Turn a dense LLaMA-family model into an MoE model.")
-    commands = root.add_subparsers(dest="command", required=True)
+    root = _Parser(prog="moeify", description="Turn a dense LLaMA-family model into an MoE model.", epilog=_verbs_by_stage(),
+                   formatter_class=argparse.RawDescriptionHelpFormatter, usage="moeify [--version] VERB ...")
+    root.add_argument("--version", action="version", version=f"moeify {__version__}")
+    commands = root.add_subparsers(dest="command", required=True, metavar="VERB", prog="moeify", help=argparse.SUPPRESS)
     groups: dict[str, argparse._SubParsersAction] = {}
     for verb in VERBS:
         head, _, sub = verb.name.partition(" ")
         if sub:
             if head not in groups:
-                groups[head] = commands.add_parser(head, help=f"{head} commands").add_subparsers(dest="subcommand", required=True)
+                groups[head] = commands.add_parser(head).add_subparsers(dest="subcommand", required=True)
             verb_parser = groups[head].add_parser(sub, help=verb.help)
         else:
-            verb_parser = commands.add_parser(head, help=verb.help)
+            verb_parser = commands.add_parser(head, description=verb.help)
         verb_parser.set_defaults(verb=verb)
         if head in words and (not sub or sub in words):
             _add_flags(verb_parser, verb, _load(verb.schema))
     return root
+
+
+def _verbs_by_stage() -> str:
+    lines = []
+    for stage, heading in STAGES.items():
+        lines.append(f"{heading}:")
+        lines += [f"  {verb.name:<14}{verb.help}" for verb in VERBS if verb.stage == stage]
+    return "verbs, in the order a user walks them (`moeify VERB --help` for each):\n" + "\n".join(lines) + \
+        "\n\nThe manual: README.md and docs/ in the source tree."
+
+
+def parse_command(argv: list[str]) -> tuple[Verb, Any]:
+    """The verb and its config for a command line, checked as `main` checks them before running the verb
+    (flags, recipe values, types and ranges); nothing is read but the recipe, nothing is run."""
+    args = parser(argv).parse_args(argv)
+    schema = _load(args.verb.schema)
+    return args.verb, from_flat(schema, _values(args, args.verb, schema), COMMAND_LINE)
 
 
 def _values(args: argparse.Namespace, verb: Verb, schema: type) -> dict:

@@ -46,7 +46,7 @@ ARM_KEYS = {"name", "build", "train", "after"}
 class ExperimentConfig:
     RANGES: ClassVar[dict] = {"max_tokens": at_least(1), "eval_tokens": at_least(1)}
     spec: str
-    """construction | scale | sampling | upcycle-vs-dense | capacity, or a .yaml path."""
+    """A shipped experiment (construction, scale, sampling, upcycle-vs-dense, capacity, distill, refit) or a .yaml path."""
     out: Path | None = None
     """Default: moeify-experiments/NAME."""
     model: str | None = None

@@ -15,11 +15,13 @@ file is missing, short or changed, renames it `damaged-step-…` and resumes fro
 with a note naming both.
 """
 
+import contextlib
 import errno
 import hashlib
 import json
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -46,6 +48,15 @@ def complete_checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / "trainer.json").is_file())
 
 
+@contextlib.contextmanager
+def _single_process_is_intended():
+    """DCP warns that it "assumes the intent" of one process when no process group exists; one process is
+    what a run without torchrun is, so the warning only confuses."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
+        yield
+
+
 def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, trainer_state: dict, env: DistEnv, keep: int) -> Path:
     root = checkpoint_root(out)
     final = root / f"step-{step:06d}"
@@ -61,7 +72,8 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, trainer_s
     if error is None:
         model_state, optim_state = get_state_dict(model, optimizer)
         try:
-            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "dcp"))
+            with _single_process_is_intended():
+                dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "dcp"))
             torch.save(torch.get_rng_state(), tmp / f"rng-rank{env.rank}.pt")
         except (OSError, CheckpointException, RuntimeError) as failure:
             error = _os_error(failure, tmp)
@@ -219,7 +231,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, env: DistEnv, ident
         )
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(path / "dcp"))
+    with _single_process_is_intended():
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     # Model and optimizer state reshard to any layout. The random stream (noisy gating) is per rank:
     # a rank the saving run did not have starts a fresh one, seeded from the step and its rank.
