@@ -17,7 +17,11 @@ from moeify.errors import MoeifyError
 from moeify.modeling.hf import stock_state_dict
 from moeify.modeling.load import load_moe_model
 
-TOLERANCE = 1e-4
+TOLERANCE = 1e-3
+"""Of the largest |logit|: a wrong key, layout or scale moves logits by their own size; the order of fp32
+sums (stock transformers' expert loop against moeify's grouped GEMM) moves a working model's by ~1e-6 of
+it, and a barely working one's (a random split as built: every flipped near-tie in a random router
+amplified over 30 layers) by up to ~2e-4."""
 
 
 @dataclass
@@ -62,15 +66,17 @@ def export_model(source: Path, out: Path, force: bool = False, dtype: str = "aut
     config = model.config
     if dtype != "auto":
         config.dtype = DTYPES[dtype]
-        model.to(DTYPES[dtype]).float()  # the reference: moeify's model with the weights the export holds
+        with torch.no_grad():  # the reference: moeify's model with the weights the export holds; buffers (RoPE
+            for parameter in model.parameters():  # frequencies, the selection bias) stay fp32, as the stock reload computes them
+                parameter.copy_(parameter.to(DTYPES[dtype]))
     tensors = stock_state_dict(model.state_dict(), config, layout)
     difference: dict[str, float] = {}
 
     def check(directory: Path) -> None:
-        difference["max"] = _logit_difference(model, directory)
-        if difference["max"] > TOLERANCE:
-            raise MoeifyError(f"the exported {fmt.architecture} differs from moeify's model "
-                              f"(max |logit diff| {difference['max']:.2e}); nothing written")
+        difference["max"], scale = _logit_difference(model, directory)
+        if difference["max"] > TOLERANCE * max(1.0, scale):
+            raise MoeifyError(f"the exported {fmt.architecture} differs from moeify's model (max |logit diff| "
+                              f"{difference['max']:.2e}, largest |logit| {scale:.1f}); nothing written")
 
     items = cast_floating(sorted(tensors.items()), DTYPES.get(dtype), fmt.keeps_fp32)
     write_checkpoint(out, items, config, source, manifest.replace(format=fmt.name, exported_from=str(source), layout=layout),
@@ -80,7 +86,9 @@ def export_model(source: Path, out: Path, force: bool = False, dtype: str = "aut
 
 
 @torch.no_grad()
-def _logit_difference(model: torch.nn.Module, exported: Path) -> float:
+def _logit_difference(model: torch.nn.Module, exported: Path) -> tuple[float, float]:
+    """The max |logit difference| of the stock reload from moeify's model, and the largest |logit|."""
     ids = torch.randint(model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
     stock = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
-    return (model.eval()(ids).logits - stock(ids).logits).abs().max().item()
+    reference = model.eval()(ids).logits
+    return (reference - stock(ids).logits).abs().max().item(), reference.abs().max().item()
