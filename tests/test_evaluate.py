@@ -88,6 +88,13 @@ def test_report_renders_with_plots(tiny_moe, tiny_data, tmp_path):
         png = base64.b64decode(data)
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
     assert "bits per byte" in page and "top expert changed 0-llama-moe -&gt; 1-run" in page
+    summary = page[:page.index("<img")]  # the run in one table before any plot
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in records if "heldout_loss" in r][-1]
+    for domain, loss in final["heldout_loss"].items():
+        assert f"held-out {domain}, step {final['step']}" in summary and f"perplexity {math.exp(loss):,.2f}" in summary
+    last_step = [r for r in records if "loss" in r][-1]
+    assert f"{last_step['tokens']:,}" in summary and "tokens/s" in summary and f"{last_step['loss']:.4f}" in summary
     # a run killed mid-line (the last metrics line cut short) still reports, without that line
     metrics = run / "metrics.jsonl"
     metrics.write_text(metrics.read_text() + '{"step": 5, "lo')
@@ -152,3 +159,22 @@ def test_generate_is_greedy_decoding_of_the_model(capsys, tiny_models):
     expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
                               pad_token_id=tokenizer.eos_token_id)
     assert capsys.readouterr().out.strip() == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_heatmap_titles_do_not_overlap(tmp_path, monkeypatch):
+    from moeify.evaluate import plots
+
+    boxes = []
+    save = plots._save
+
+    def measuring_save(fig, path):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        boxes.extend(text.get_window_extent(renderer) for text in [fig._suptitle, *(ax.title for ax in fig.axes if ax.get_title())])
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", measuring_save)
+    shares = [[0.25, 0.25, 0.25, 0.25]] * 30
+    plots.expert_share_heatmaps({"step 1": shares, "step 128": shares}, "training batch: share of each expert", tmp_path / "load.png")
+    assert len(boxes) == 3
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])

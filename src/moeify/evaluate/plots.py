@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 def expert_share_heatmaps(shares: dict[str, list[list[float]]], title: str, path: Path) -> Path:
     """One heatmap per domain: layers (rows) x experts (columns), colour = share of assignments."""
     domains = list(shares)
-    fig, axes = plt.subplots(1, len(domains), figsize=(3.2 * len(domains) + 1, 3.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(domains), figsize=(3.2 * len(domains) + 1, 3.8), squeeze=False, layout="constrained")
     vmax = max(max(max(row) for row in share) for share in shares.values())
     for ax, domain in zip(axes[0], domains):
         image = ax.imshow(shares[domain], aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
@@ -26,6 +26,7 @@ def line_plot(series: dict[str, tuple[list[float], list[float]]], title: str, xl
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, label=name, marker="o" if len(xs) < 30 else None, markersize=3)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.ticklabel_format(axis="y", useOffset=False)  # values as they are, not "1e-7 + 2.0746"
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend(fontsize=8)

@@ -2,6 +2,7 @@
 
 import base64
 import html
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,11 +89,34 @@ def _sections(run_dir: Path, records: list[dict], eval_dirs: list[Path] | None, 
     return sections
 
 
+def _summary(records: list[dict]) -> str:
+    """The run in one table before the plots: how far it got, how fast, and where its losses ended."""
+    steps = [r for r in records if r.get("step", 0) > 0 and "loss" in r]
+    if not steps:
+        return "<p>no training steps logged</p>"
+    last = steps[-1]
+    rows = [("steps", f"{last['step']:,}"), ("tokens", f"{last.get('tokens', 0):,}"),
+            ("final training loss (nats/token)", f"{last['loss']:.4f}")]
+    speeds = sorted(r["tokens_per_s"] for r in steps if r.get("tokens_per_s"))
+    if speeds:
+        rows.append(("tokens/s (median step)", f"{speeds[len(speeds) // 2]:,.0f}"))
+    mfus = sorted(r["mfu"] for r in steps if r.get("mfu") is not None)
+    if mfus:
+        rows.append(("MFU (median step, activated parameters)", f"{100 * mfus[len(mfus) // 2]:.1f}%"))
+    evals = [r for r in records if "heldout_loss" in r]
+    if evals:
+        first, final = evals[0], evals[-1]
+        for domain, loss in final["heldout_loss"].items():
+            start = first["heldout_loss"].get(domain)
+            change = f" (step {first['step']}: {start:.4f}, perplexity {math.exp(start):,.2f})" if start is not None and first is not final else ""
+            rows.append((f"held-out {domain}, step {final['step']}", f"loss {loss:.4f}, perplexity {math.exp(loss):,.2f}{change}"))
+    cells = "".join(f"<tr><th>{html.escape(name)}</th><td>{html.escape(value)}</td></tr>" for name, value in rows)
+    return f"<table class='summary'>{cells}</table>"
+
+
 def _html(run_dir: Path, records: list[dict], sections: list[tuple[str, list[Path], str]]) -> str:
     config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
-    last = next((r for r in reversed(records) if "loss" in r), {})
-    parts = [f"<h1>moeify run: {html.escape(run_dir.name)}</h1>",
-             f"<p>steps: {last.get('step', 0)}, tokens: {last.get('tokens', 0):,}, final loss: {last.get('loss', float('nan')):.4f}</p>"]
+    parts = [f"<h1>moeify run: {html.escape(run_dir.name)}</h1>", _summary(records)]
     for title, images, text in sections:
         parts.append(f"<h2>{html.escape(title)}</h2>")
         if text:
@@ -102,5 +126,6 @@ def _html(run_dir: Path, records: list[dict], sections: list[tuple[str, list[Pat
             parts.append(f'<img alt="{html.escape(image.stem)}" src="data:image/png;base64,{data}">')
     if config:
         parts.append(f"<h2>Configuration</h2><pre>{html.escape(config)}</pre>")
-    style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}img{max-width:100%;display:block;margin:1em 0}pre{background:#f4f4f4;padding:1em;overflow-x:auto}"
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}img{max-width:100%;display:block;margin:1em 0}pre{background:#f4f4f4;padding:1em;overflow-x:auto}"
+             ".summary th{text-align:left;padding-right:2em;font-weight:normal;color:#555}")
     return f"<!doctype html><html><head>{GENERATOR}<meta charset='utf-8'><title>moeify report</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n"
