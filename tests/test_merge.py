@@ -252,3 +252,11 @@ def test_routing_samples_spread_over_every_text(tiny_models, monkeypatch):
     everything = torch.cat(captured)
     torch.testing.assert_close(torch.cat(record.samples[1]), everything[::3].float())
     assert len(torch.cat(record.samples[1])) == 9 and record.count == 25
+
+
+def test_a_json_prompt_file_with_escaped_surrogate_pairs_reads_as_characters(tmp_path):
+    from moeify.construct.text_router import read_expert_prompts
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text('[{"positive": ["smile \\ud83d\\ude00"]}, {"positive": ["plain"], "negative": ["\\u00e9t\\u00e9"]}]')
+    assert read_expert_prompts(prompts, 2) == [(["smile \U0001F600"], []), (["plain"], ["été"])]

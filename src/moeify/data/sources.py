@@ -56,8 +56,11 @@ def read_documents(source: Source) -> Iterator[str]:
         else:
             try:
                 text = file.read_text(encoding="utf-8")
-            except UnicodeDecodeError:
-                continue  # binary file inside a text folder
+            except UnicodeDecodeError as error:
+                if file == source.path:  # named by the user: say so; inside a folder it is a binary file to skip
+                    raise MoeifyError(f"{file} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}); "
+                                      "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+                continue
             if text.strip():
                 yield text
 
