@@ -73,6 +73,15 @@ def test_auto_dispatch_takes_grouped_mm_where_it_applies_and_the_loop_elsewhere(
     torch.testing.assert_close(y, _block(10, hidden, 8, 4, 2, "reference")(x).hidden, rtol=1e-5, atol=1e-5)
 
 
+
+def test_auto_dispatch_takes_the_loop_in_float64():
+    """grouped_mm takes fp32/bf16/fp16 only; a float64 block (a debugging or checking run) must still compute."""
+    block, reference = _block(10, 16, 8, 4, 2, "auto").double(), _block(10, 16, 8, 4, 2, "reference").double()
+    x = torch.randn(1, 10, 16, dtype=torch.float64)
+    y = block(x).hidden
+    assert block.experts.last_dispatch == "loop" and y.dtype == torch.float64
+    torch.testing.assert_close(y, reference(x).hidden)
+
 def test_router_is_topk_then_softmax():
     router = TopKRouter(4, 5, 2)
     with torch.no_grad():

@@ -14,7 +14,7 @@ _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", No
 def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """True if the installed torch has grouped_mm and every inner dimension is 16-byte aligned."""
     if _GROUPED_MM is None or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return False  # float64 (export's check) takes the loop
+        return False  # the kernel's dtypes; float64 takes the loop
     if (x.device.type == "cuda" or torch.compiler.is_compiling()) and x.dtype != torch.bfloat16:
         return False  # CUDA's kernel (and the compiler's shape rule) take bf16 only
     align = 16 // x.element_size()
