@@ -77,18 +77,7 @@ def _prompt_list(entry: dict, keys: tuple[str, ...], where: str) -> list[str]:
         value = [value]
     if not isinstance(value, list) or not all(isinstance(p, str) and p.strip() for p in value):
         raise MoeifyError(f"{where}: {keys[0]} must be a list of non-empty prompts")
-    return [_joined_surrogates(prompt, f"{where}: the {keys[0]} prompt") for prompt in value]
-
-
-def _joined_surrogates(text: str, where: str) -> str:
-    """YAML reads JSON's escaped surrogate pairs ("\\ud83d\\ude00") as two lone halves; join them into the
-    character. A half without its other half is no character and no tokenizer takes it."""
-    try:
-        return text.encode("utf-16", "surrogatepass").decode("utf-16")
-    except UnicodeDecodeError:
-        lone = next(char for char in text if 0xD800 <= ord(char) <= 0xDFFF)
-        raise MoeifyError(f"{where} {text[:40]!r} holds {lone!r}, half of a UTF-16 surrogate pair without its other half, "
-                          "which is no character; write the character itself or its whole pair") from None
+    return value
 
 
 def _texts(dense: DenseCheckpoint, config: ConstructionConfig, mode: str) -> tuple[list[ExpertText], list[str]]:
