@@ -181,8 +181,13 @@ def parse_command(argv: list[str]) -> tuple[Verb, Any]:
     """The verb and its config for a command line, checked as `main` checks them before running the verb
     (flags, recipe values, types and ranges); nothing is read but the recipe, nothing is run."""
     args = parser(argv).parse_args(argv)
+    return args.verb, _config(args)
+
+
+def _config(args: argparse.Namespace) -> Any:
+    """The verb's config dataclass from its flags over its recipe, typed and range-checked."""
     schema = _load(args.verb.schema)
-    return args.verb, from_flat(schema, _values(args, args.verb, schema), COMMAND_LINE)
+    return from_flat(schema, _values(args, args.verb, schema), COMMAND_LINE)
 
 
 def _values(args: argparse.Namespace, verb: Verb, schema: type) -> dict:
@@ -246,9 +251,8 @@ def _terminate(signum, frame) -> None:
 
 def _run_verb(verb: "Verb", args: argparse.Namespace) -> int:
     try:
-        schema = _load(verb.schema)
         try:
-            config = from_flat(schema, _values(args, verb, schema), COMMAND_LINE)
+            config = _config(args)
         except MoeifyError as error:  # a bad flag or recipe value: alike on every rank of a node
             raise same_on_every_local_rank(error)
         with also_reading([getattr(args, "recipe", None)]):  # an output must not hold the recipe either

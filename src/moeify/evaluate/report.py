@@ -3,6 +3,7 @@
 import base64
 import html
 import math
+import statistics
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,9 +55,14 @@ def build_report(run_dir: Path, eval_dirs: list[Path] | None = None, out: Path |
     return out
 
 
+def _training_steps(records: list[dict]) -> list[dict]:
+    """The records of optimizer steps (step 0 holds only the first evaluation)."""
+    return [r for r in records if r.get("step", 0) > 0 and "loss" in r]
+
+
 def _sections(run_dir: Path, records: list[dict], eval_dirs: list[Path] | None, figures: Path) -> list[tuple[str, list[Path], str]]:
     sections: list[tuple[str, list[Path], str]] = []
-    steps = [r for r in records if r.get("step", 0) > 0 and "loss" in r]
+    steps = _training_steps(records)
     if steps:
         series = {"all": ([r["step"] for r in steps], [r["loss"] for r in steps])}
         for domain in sorted({d for r in steps for d in r.get("domain_loss", {})}):
@@ -91,18 +97,18 @@ def _sections(run_dir: Path, records: list[dict], eval_dirs: list[Path] | None, 
 
 def _summary(records: list[dict]) -> str:
     """The run in one table before the plots: how far it got, how fast, and where its losses ended."""
-    steps = [r for r in records if r.get("step", 0) > 0 and "loss" in r]
+    steps = _training_steps(records)
     if not steps:
         return "<p>no training steps logged</p>"
     last = steps[-1]
     rows = [("steps", f"{last['step']:,}"), ("tokens", f"{last.get('tokens', 0):,}"),
             ("final training loss (nats/token)", f"{last['loss']:.4f}")]
-    speeds = sorted(r["tokens_per_s"] for r in steps if r.get("tokens_per_s"))
+    speeds = [r["tokens_per_s"] for r in steps if r.get("tokens_per_s")]
     if speeds:
-        rows.append(("tokens/s (median step)", f"{speeds[len(speeds) // 2]:,.0f}"))
-    mfus = sorted(r["mfu"] for r in steps if r.get("mfu") is not None)
+        rows.append(("tokens/s (median step)", f"{statistics.median_high(speeds):,.0f}"))
+    mfus = [r["mfu"] for r in steps if r.get("mfu") is not None]
     if mfus:
-        rows.append(("MFU (median step, activated parameters)", f"{100 * mfus[len(mfus) // 2]:.1f}%"))
+        rows.append(("MFU (median step, activated parameters)", f"{100 * statistics.median_high(mfus):.1f}%"))
     evals = [r for r in records if "heldout_loss" in r]
     if evals:
         first, final = evals[0], evals[-1]
