@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -165,6 +166,12 @@ def _other_tokenizer(ctx: dict) -> str:
     return str(path)
 
 
+def _fifo(ctx: dict) -> str:
+    path = ctx["tmp"] / "fifo"
+    os.mkfifo(path)
+    return str(path)
+
+
 def _tree(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()} if path.is_dir() else \
         {path.name: path.read_bytes()}
@@ -197,6 +204,9 @@ CASES = [
     Case("build-top-k-zero", lambda c: BUILD(c, "--top-k", "0"), "--top-k is 0; it must be at least 1", OUT),
     Case("build-carve-top-k-above-experts", lambda c: BUILD(c, "--method", "carve", "--num-experts", "4", "--top-k", "6", "--calibration",
                                                               "embedded"), "--top-k 6 is larger than --num-experts 4", OUT),
+    Case("build-experts-beyond-memory", lambda c: BUILD(c, "--num-experts", str(10**10)), "out of memory (2560.0 GB asked)", OUT),
+    Case("build-experts-beyond-int64", lambda c: BUILD(c, "--num-experts", str(10**21)), "it must be smaller than 2**63", OUT),
+    Case("build-negative-seed", lambda c: BUILD(c, "--seed", "-1"), "--seed is -1; it must be in [0, 4294967295]", OUT),
     Case("build-negative-scale", lambda c: BUILD(c, "--scale", "-2"), "--scale is -2.0; it must be greater than 0", OUT),
     Case("build-negative-router-std", lambda c: BUILD(c, "--router-std", "-1"), "--router-std is -1.0; it must be at least 0", OUT),
     Case("build-megatron-scaling-on-a-split", lambda c: BUILD(c, "--method", "random-split", "--num-experts", "4", "--weight-scaling",
@@ -316,6 +326,11 @@ CASES = [
          "is a directory"),
     Case("split-with-partition", lambda c: ["split", L(c), "--partition", str(c["partition"]), "--out", str(c["tmp"] / "q.safetensors")],
          "is the input of build", lambda c: c["tmp"] / "q.safetensors"),
+    Case("split-out-is-a-pipe", lambda c: ["split", L(c), "--method", "random-split", "--num-experts", "4", "--force", "--out", _fifo(c)],
+         "is not a regular file or directory (a device, pipe"),
+    Case("report-out-is-a-pipe", lambda c: ["report", _dir_with(c, "run", {"metrics.jsonl": "{}\n"}), "--force", "--out", _fifo(c)],
+         "is not a regular file or directory"),
+    Case("export-out-is-a-pipe", lambda c: ["export", str(c["moe"]), "--force", "--out", _fifo(c)], "is not a regular file or directory"),
     Case("split-read-only", lambda c: ["split", L(c), "--method", "random-split", "--num-experts", "4", "--out", str(c["mnt"] / "p.st")],
          "Read-only file system", lambda c: c["mnt"] / "p.st", "ro"),
     Case("split-disk-full", lambda c: ["split", L(c), "--method", "upcycle", "--num-experts", "96", "--out", str(c["mnt"] / "p.st")],
@@ -365,7 +380,8 @@ CASES = [
          "--activation-ratio 0.3 of --blocks 16 is 4.8 blocks", OUT),
     Case("compare-upcycle-at-a-ratio", lambda c: ["compare-init", L(c), "--activation-ratio", "0.25", "--methods", "upcycle",
                                                   "--out", str(OUT(c))], "has no place at --activation-ratio 0.25", OUT),
-    Case("compare-methods-empty", lambda c: ["compare-init", L(c), "--methods", "", "--out", str(OUT(c))], "names no method", OUT),
+    Case("compare-methods-empty", lambda c: ["compare-init", L(c), "--methods", "", "--out", str(OUT(c))], "--methods is ''; give a string",
+         OUT),
     Case("compare-methods-twice", lambda c: ["compare-init", L(c), "--methods", "upcycle,upcycle", "--out", str(OUT(c))],
          "names a method twice", OUT),
     Case("compare-option-no-method-reads", lambda c: ["compare-init", L(c), "--methods", "upcycle,random-split", "--num-experts", "4",
@@ -373,6 +389,8 @@ CASES = [
          "--drop-ratio is read by none of the compared methods (upcycle, random-split)", OUT),
     Case("compare-out-holds-model", lambda c: ["compare-init", _copy(c, "llama", "parent/m"), "--out", str(c["tmp"] / "parent"), "--force"],
          "holds the input", keep=lambda c: c["tmp"] / "parent"),
+    Case("compare-eval-tokens-below-block", lambda c: ["compare-init", L(c), "--eval-tokens", "16", "--block-size", "32", "--out", str(OUT(c))],
+         "--eval-tokens 16 is less than one block of --block-size 32", OUT),
     Case("compare-block-size", lambda c: ["compare-init", L(c), "--block-size", "1", "--out", str(OUT(c))], "at least 2", OUT),
     # experiment
     Case("experiment-unknown", lambda c: ["experiment", "nope", "--out", str(OUT(c))], "no experiment 'nope'", OUT),
@@ -458,7 +476,7 @@ CASES = [
                                              str(c["tmp"] / "run" / "metrics.jsonl"), "--force"], "is the input",
          keep=lambda c: c["tmp"] / "run"),
     Case("generate-negative-tokens", lambda c: ["generate", L(c), "--prompt", "hi", "--max-new-tokens", "-1"], "--max-new-tokens is -1"),
-    Case("generate-empty-prompt", lambda c: ["generate", L(c), "--prompt", "  "], "--prompt is empty"),
+    Case("generate-empty-prompt", lambda c: ["generate", L(c), "--prompt", "  "], "--prompt is '  '; give a string that is not empty"),
     Case("generate-tokenizer-larger-than-vocab", lambda c: ["generate", _tokenizer_too_large(c), "--prompt", "hi"],
          "tokenizer has 370 tokens, more than the model's 320 embeddings"),
     Case("eval-tokenizer-larger-than-vocab", lambda c: ["eval", _tokenizer_too_large(c), "--out", str(OUT(c))],
@@ -519,6 +537,10 @@ CASES = [
     Case("train-gradient-sync-one-process", lambda c: [*TRAIN(c), "--gradient-sync", "step"],
          "--gradient-sync chooses when FSDP2 reduce-scatters; one process has no gradient communication", OUT),
     Case("train-trainable-shared-absent", lambda c: [*TRAIN(c), "--trainable", "router,shared"], "this MoE has no shared expert; drop shared", OUT),
+    Case("train-fails-in-new-folders", lambda c: [*TRAIN(c)[:4], "--out", str(c["tmp"] / "new" / "deeper" / "run"), *TRAIN(c)[6:], "--trainable",
+                                                    "router,shared"], "this MoE has no shared expert", lambda c: c["tmp"] / "new"),
+    Case("plan-model-not-a-model", lambda c: ["plan-memory", _dir_with(c, "not-a-model", {"config.json": "{}"})], "cannot read"),
+    Case("inspect-empty-model", lambda c: ["inspect", ""], "--model is ''; give a string that is not empty"),
     Case("train-read-only", lambda c: [*TRAIN(c)[:4], "--out", str(c["mnt"] / "run"), *TRAIN(c)[6:]], "Read-only file system",
          lambda c: c["mnt"] / "run", "ro"),
 ]
@@ -564,6 +586,8 @@ def test_bad_input_is_one_line_and_leaves_nothing(case: Case, context, tmp_path,
         assert len(lines) == 1 and lines[0].startswith("moeify: error: "), f"expected one error line, got:\n{err}"
         fragment = case.fragment.replace("{tmp}", str(tmp_path))
         assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+        if os.path.lexists(tmp_path / "fifo"):
+            assert stat.S_ISFIFO(os.lstat(tmp_path / "fifo").st_mode), "the named pipe was replaced"
         if case.keep:
             assert _tree(case.keep(ctx)) == kept, f"the user's files in {case.keep(ctx)} changed"
             assert not list(tmp_path.rglob(".*.tmp-*")), "temporary files left"

@@ -194,3 +194,16 @@ def test_the_writer_refuses_a_tensor_set_its_config_does_not_imply(tiny_moe, tmp
     assert not any(tmp_path.iterdir())
     write_checkpoint(tmp_path / "c", sorted(tensors.items()), config, tiny_moe, manifest)
     assert (tmp_path / "c" / MARKER).is_file()
+
+
+@pytest.mark.parametrize("kind", ["directory", "file"])
+def test_a_failed_write_removes_the_folders_it_made_and_no_others(kind, tmp_path):
+    from moeify.checkpoint.atomic import atomic_directory, atomic_file
+
+    (tmp_path / "existing").mkdir()
+    out = tmp_path / "existing" / "new" / "deeper" / "out"
+    writer = atomic_directory(out, verb="test") if kind == "directory" else atomic_file(out, False, [], lambda _: True)
+    with pytest.raises(RuntimeError), writer as tmp:
+        (tmp / "x" if kind == "directory" else tmp).write_text("half")
+        raise RuntimeError("the write failed")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["existing"]

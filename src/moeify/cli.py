@@ -20,6 +20,7 @@ from moeify.checkpoint.atomic import also_reading
 from moeify.errors import (
     MoeifyError,
     describe_os_error,
+    describe_out_of_memory,
     left_to_another_rank,
     same_on_every_local_rank,
 )
@@ -221,7 +222,13 @@ def _quiet_transformers() -> None:
 
 def _print_error(message: str, error: BaseException) -> None:
     if not left_to_another_rank(error):
-        print(f"moeify: error: {message}", file=sys.stderr)
+        print(f"moeify: error: {_one_line(message)}", file=sys.stderr)
+
+
+def _one_line(message: str) -> str:
+    """The message with what would break or hide the line (a newline or other control character in a value
+    the user gave) written as its escape."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in message)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,6 +271,11 @@ def _run_verb(verb: "Verb", args: argparse.Namespace) -> int:
         return 2
     except OSError as error:  # no space, read-only, permission: nothing half-written is left (outputs are atomic)
         _print_error(describe_os_error(error), error)
+        return 2
+    except (MemoryError, RuntimeError) as error:
+        if (message := describe_out_of_memory(error)) is None:
+            raise
+        _print_error(message, error)
         return 2
     except KeyboardInterrupt as stop:
         terminated = isinstance(stop, Terminated)

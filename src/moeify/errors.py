@@ -1,5 +1,6 @@
 import errno
 import os
+import re
 from typing import TypeVar
 
 
@@ -21,6 +22,18 @@ def describe_os_error(error: OSError) -> str:
     where = f" {error.filename}" if getattr(error, "filename", None) else ""
     reason = error.strerror or str(error) or type(error).__name__
     return f"cannot write or read{where}: {reason}; {_FIXES.get(error.errno, 'check the path and try again')}"
+
+
+def describe_out_of_memory(error: BaseException) -> str | None:
+    """One line for an allocation the machine cannot make (a setting sized the work too large), or None
+    for any other error."""
+    text = str(error)
+    if not (isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError" or "can't allocate memory" in text):
+        return None
+    asked = re.search(r"tried to allocate (\d+) bytes", text) or re.search(r"Tried to allocate ([\d.]+ [KMGT]iB)", text)
+    size = "" if asked is None else f" ({int(asked[1]) / 1e9:.1f} GB asked)" if asked[1].isdigit() else f" ({asked[1]} asked)"
+    return (f"out of memory{size}: a setting sizes the work beyond this machine (experts, batch, sequence length, tokens); "
+            "lower it or use a larger machine")
 
 
 AnyError = TypeVar("AnyError", bound=BaseException)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from moeify.checkpoint.formats import MoEFeatures, choose_format
 from moeify.construct.config import check_routing
@@ -87,6 +87,7 @@ class MemoryPlan:
 
 
 def _dense_config(model: str):
+    from moeify.checkpoint.dense import read_model_config
     from moeify.checkpoint.resolve import EMBEDDED_MODELS, resolve_model
 
     if model in KNOWN_MODELS:
@@ -94,7 +95,7 @@ def _dense_config(model: str):
     if model not in EMBEDDED_MODELS and not Path(model).expanduser().exists():
         raise MoeifyError(f"no model at {model}; give a model directory, a .gguf file, or a name: "
                           f"{', '.join([*EMBEDDED_MODELS, *KNOWN_MODELS])}")
-    return AutoConfig.from_pretrained(resolve_model(model))
+    return read_model_config(resolve_model(model))
 
 
 def moe_meta_model(dense_config, num_experts: int, top_k: int, expert_size: int) -> torch.nn.Module:

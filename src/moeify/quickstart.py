@@ -6,6 +6,7 @@ pre-training and by distillation from the dense model, reloads each with stock t
 compares them with the dense model on held-out text that ships with Python.
 """
 
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -16,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moeify.build import BuildConfig, build
-from moeify.checkpoint.atomic import check_output
+from moeify.checkpoint.atomic import check_output, make_directory, remove_made
 from moeify.checkpoint.dense import DenseCheckpoint
 from moeify.checkpoint.resolve import DEFAULT_MODEL, cache_dir, resolve_model
 from moeify.construct import ConstructionConfig
@@ -27,7 +28,7 @@ from moeify.data.text import load_tokenizer, tokenize_joined
 from moeify.evaluate.generate import greedy, prompt_ids
 from moeify.evaluate.params import parameter_counts
 from moeify.evaluate.scoring import blocks_of, score_blocks
-from moeify.schema import at_least, fraction, positive
+from moeify.schema import at_least, fraction, positive, seed_range
 
 
 @dataclass
@@ -36,7 +37,7 @@ class QuickstartConfig:
                               "block_size": at_least(2), "max_new_tokens": at_least(1), "train_tokens": at_least(0),
                               "train_seq_len": at_least(2), "train_lr": positive(), "carve_lr": positive(),
                               "carve_ratio": fraction(high_inclusive=False),
-                              "carve_blocks": at_least(2), "calibration_tokens": at_least(1)}
+                              "carve_blocks": at_least(2), "calibration_tokens": at_least(1), "seed": seed_range()}
     model: str = DEFAULT_MODEL
     """Dense model (default: the embedded SmolLM2-135M-Instruct)."""
     work_dir: Path = field(default_factory=lambda: cache_dir() / "quickstart")
@@ -96,8 +97,18 @@ def quickstart(config: QuickstartConfig) -> list[Row]:
         config = replace(config, split_scale=config.num_experts / config.top_k)
     torch.manual_seed(config.seed)
     dense_dir = resolve_model(config.model)
-    config.work_dir.mkdir(parents=True, exist_ok=True)  # an unwritable --work-dir fails now, not after the first model
     tokenizer = load_tokenizer(dense_dir)
+    made = make_directory(config.work_dir)  # an unwritable --work-dir fails now, not after the first model
+    try:
+        return _compare(config, dense_dir, tokenizer)
+    except BaseException:  # a work directory this call made holds only what it wrote
+        if made is not None:
+            shutil.rmtree(config.work_dir, ignore_errors=True)
+            remove_made(config.work_dir.parent, made)
+        raise
+
+
+def _compare(config: QuickstartConfig, dense_dir: Path, tokenizer) -> list[Row]:
     blocks = blocks_of(tokenize_joined(tokenizer, pydoc_topics(heldout=True)), config.block_size, config.eval_tokens)
     _log(f"held-out text: {blocks.numel()} tokens of Python's help topics, {blocks.shape[0]} blocks of {config.block_size}")
     prompt = prompt_ids(tokenizer, config.prompt)

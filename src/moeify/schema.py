@@ -35,9 +35,13 @@ class Range:
 
     def describe(self) -> str:
         if self.high is None:
-            return f"{'at least' if self.low_inclusive else 'greater than'} {self.low:g}"
+            return f"{'at least' if self.low_inclusive else 'greater than'} {_number(self.low)}"
         left, right = "[" if self.low_inclusive else "(", "]" if self.high_inclusive else ")"
-        return f"in {left}{self.low:g}, {self.high:g}{right}"
+        return f"in {left}{_number(self.low)}, {_number(self.high)}{right}"
+
+
+def _number(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
 
 
 def at_least(low: float) -> Range:
@@ -46,6 +50,11 @@ def at_least(low: float) -> Range:
 
 def positive() -> Range:
     return Range(0, low_inclusive=False)
+
+
+def seed_range() -> Range:
+    """A random seed: what torch, numpy and Python's random all take."""
+    return Range(0, 2**32 - 1)
 
 
 def fraction(low_inclusive: bool = True, high_inclusive: bool = True) -> Range:
@@ -243,23 +252,32 @@ def coerce(leaf: Leaf, value: Any, where: str) -> Any:
     elif kind in (int, float):
         if isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or isinstance(value, int)):
             value = kind(value)
+            if kind is int and abs(value) >= 2**63:
+                raise MoeifyError(f"{_key(leaf, where)} is {value}; it must be smaller than 2**63 in size")
             if not math.isfinite(value):
                 raise MoeifyError(f"{_key(leaf, where)} is {value!r}; it must be a finite number")
             if leaf.range is not None and not leaf.range(value):
                 raise MoeifyError(f"{_key(leaf, where)} is {value!r}; it must be {leaf.range.describe()}")
             return value
-    elif kind is str:
+    elif kind in (str, Path):
         if isinstance(value, (str, Path)):
-            return str(value)
-    elif kind is Path:
-        if isinstance(value, (str, Path)):
-            return Path(value)
+            _not_blank(leaf, str(value), where, kind)
+            return kind(value)
     elif typing.get_origin(kind) is list:
         if isinstance(value, (list, tuple)):
+            element = typing.get_args(kind)[0]
+            for item in value if element in (str, Path) else ():
+                _not_blank(leaf, str(item), where, element)
             return list(value)
     else:
         return value
     raise MoeifyError(f"{_key(leaf, where)} is {value!r}; it must be {_type_name(kind)}")
+
+
+def _not_blank(leaf: Leaf, text: str, where: str, kind: type) -> None:
+    """No setting takes an empty string: an empty path would be the current directory."""
+    if not text.strip():
+        raise MoeifyError(f"{_key(leaf, where)} is {text!r}; give {_type_name(kind)} that is not empty")
 
 
 def _key(leaf: Leaf, where: str) -> str:

@@ -12,6 +12,7 @@
 - Names that become path components (domains, experiment arms) are single plain components.
 """
 
+import contextlib
 import contextvars
 import json
 import os
@@ -85,6 +86,9 @@ def check_output(out: Path, force: bool, reads: Iterable[Path | str | None] = ()
     """The output rule, checked before any work: see the module docstring. `ours(path)` tells whether an
     existing output is moeify's (default: a directory with the marker or manifest)."""
     check_not_an_input(out, reads, flag)
+    if os.path.lexists(out) and not out.is_dir() and not out.is_file():  # renaming onto it would replace it
+        raise MoeifyError(f"{flag} {out} is not a regular file or directory (a device, pipe, socket or broken link); give "
+                          "another path")
     is_file_output = ours is not None
     if out.exists() and not out.is_dir() and not is_file_output:
         raise MoeifyError(f"{flag} {out} is a file; give a directory path")
@@ -102,11 +106,32 @@ def check_output(out: Path, force: bool, reads: Iterable[Path | str | None] = ()
         raise MoeifyError(f"{flag} {out} exists; choose another path or pass --force to replace it")
 
 
+_MADE: dict[Path, Path | None] = {}  # a claimed directory -> the outermost directory its claim created
+
+
+def make_directory(directory: Path) -> Path | None:
+    """Create `directory` and its missing parents; the outermost one created (absolute), None if it existed."""
+    missing = [path for path in [_absolute(directory), *_absolute(directory).parents] if not path.exists()]
+    directory.mkdir(parents=True, exist_ok=True)
+    return missing[-1] if missing else None
+
+
 def discard_unused(directory: Path) -> None:
-    """Remove a run directory this call claimed if nothing but moeify's marker is in it: a run that failed
-    before its first result leaves nothing behind (never removes anything else)."""
+    """Remove a run directory this call claimed if nothing but moeify's marker is in it, and the parents its
+    claim created if they are empty now: a run that failed before its first result leaves nothing behind
+    (never removes anything else)."""
     if directory.is_dir() and {p.name for p in directory.iterdir()} <= {MARKER}:
         shutil.rmtree(directory, ignore_errors=True)
+        remove_made(directory.parent, _MADE.pop(_absolute(directory), None))
+
+
+def remove_made(directory: Path, made: Path | None) -> None:
+    """Remove `directory` and its parents up to `made` (what make_directory created), each only if empty."""
+    for path in [_absolute(directory), *_absolute(directory).parents]:
+        if made is None or not (path == made or made in path.parents):
+            break
+        with contextlib.suppress(OSError):  # not empty: something else is in it now
+            path.rmdir()
 
 
 def write_marker(directory: Path, verb: str) -> None:
@@ -167,7 +192,7 @@ def atomic_directory(out: Path, force: bool = False, reads: Iterable[Path | str 
     out = Path(out)
     if not cache:
         check_output(out, force, reads, flag)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    made = make_directory(out.parent)
     tmp = _temporary(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -179,6 +204,7 @@ def atomic_directory(out: Path, force: bool = False, reads: Iterable[Path | str 
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_made(out.parent, made)
         raise
 
 
@@ -188,7 +214,7 @@ def atomic_file(out: Path, force: bool, reads: Iterable[Path | str | None], ours
     """Yield a temporary file path that replaces `out` (under the output rule) only if the block finishes."""
     out = Path(out)
     check_output(out, force, reads, flag, ours)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    made = make_directory(out.parent)
     tmp = _temporary(out)
     try:
         yield tmp
@@ -196,6 +222,7 @@ def atomic_file(out: Path, force: bool, reads: Iterable[Path | str | None], ours
         tmp.replace(out)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        remove_made(out.parent, made)
         raise
 
 
@@ -206,6 +233,6 @@ def claim_directory(out: Path, force: bool, reads: Iterable[Path | str | None], 
     check_output(out, force, reads, flag)
     if out.is_dir() and any(out.iterdir()):
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _MADE[_absolute(out)] = make_directory(out)
     if verb is not None:
         write_marker(out, verb)

@@ -15,6 +15,15 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
+def read_model_config(path: Path) -> PretrainedConfig:
+    """transformers' config of a model directory, or a one-line error naming its config.json."""
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError, OSError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise MoeifyError(f"cannot read {path / 'config.json'}: {first_line}") from None
+
+
 class DenseCheckpoint:
     """A Hugging Face model directory of a supported family; tensors are read on demand."""
 
@@ -22,11 +31,7 @@ class DenseCheckpoint:
         self.path = path
         if not (path / "config.json").is_file():
             raise MoeifyError(f"{path} has no config.json; point --model at a Hugging Face model directory or GGUF file")
-        try:
-            self.config: PretrainedConfig = AutoConfig.from_pretrained(path)
-        except (ValueError, KeyError, OSError) as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise MoeifyError(f"cannot read {path / 'config.json'}: {first_line}") from None
+        self.config: PretrainedConfig = read_model_config(path)
         self.family: str = self.config.model_type
         if self.family not in SUPPORTED_FAMILIES:
             raise MoeifyError(

@@ -40,6 +40,9 @@ def cache_dir() -> Path:
 def resolve_model(spec: str | Path) -> Path:
     """Path of a safetensors model directory for `spec`, converting or fetching it if needed."""
     text = str(spec)
+    if not text.strip():
+        raise MoeifyError(f"the model is empty; give a Hugging Face model directory, a .gguf file, or an embedded model name "
+                          f"({', '.join(EMBEDDED_MODELS)})")
     if text in EMBEDDED_MODELS:
         return _embedded_model_dir(EMBEDDED_MODELS[text])
     path = Path(text).expanduser()
@@ -56,6 +59,8 @@ def resolve_model(spec: str | Path) -> Path:
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return convert_gguf(ggufs[0])
+        raise MoeifyError(f"{path} is not a model: it has no config.json (and not one .gguf file); give a Hugging Face model "
+                          "directory or a .gguf file")
     return path
 
 

@@ -15,6 +15,7 @@ from moeify.schema import (
     is_given,
     positive,
     replace_flat,
+    seed_range,
     to_flat,
 )
 
@@ -149,7 +150,7 @@ class MergeOptions:
 
 @dataclass
 class ConstructionConfig:
-    RANGES: ClassVar[dict] = {"num_experts": at_least(1), "scale": positive()}
+    RANGES: ClassVar[dict] = {"num_experts": at_least(1), "scale": positive(), "seed": seed_range()}
     method: str = "upcycle"
     """Construction method (moeify inspect lists them)."""
     num_experts: int = 8

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from moeify.data.text import document_separator
+from moeify.errors import MoeifyError
 
 
 def autocast_for(device: torch.device, dtype: torch.dtype | None = None):
@@ -90,8 +91,10 @@ def score_blocks(model: torch.nn.Module, blocks_NS: torch.Tensor, batch_size: in
 def blocks_of(token_ids: list[int], block_size: int, max_tokens: int) -> torch.Tensor:
     """The first max_tokens tokens cut into full blocks [N, block_size]."""
     usable = min(len(token_ids), max_tokens) // block_size * block_size
+    if max_tokens < block_size:
+        raise MoeifyError(f"--eval-tokens {max_tokens} is less than one block of --block-size {block_size}; raise one or lower the other")
     if usable == 0:
-        raise ValueError(f"need at least {block_size} tokens of text, got {len(token_ids)}")
+        raise MoeifyError(f"the held-out text has {len(token_ids)} tokens, less than one block of --block-size {block_size}; lower it")
     return torch.tensor(token_ids[:usable]).view(-1, block_size)
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from moeify.errors import MoeifyError
-from moeify.schema import at_least, fraction, from_flat, positive
+from moeify.schema import at_least, fraction, from_flat, positive, seed_range
 from moeify.yaml_file import read_yaml
 
 
@@ -18,7 +18,7 @@ class TrainConfig:
         "eval_blocks": at_least(1), "balance_coef": at_least(0), "z_loss_coef": at_least(0), "bias_update_rate": at_least(0),
         "capacity_factor": positive(), "checkpoint_every": at_least(0), "keep_checkpoints": at_least(1), "peak_tflops": positive(),
         "log_every": at_least(1), "loss_chunk": at_least(0), "ep": at_least(1), "hsdp": at_least(1),
-        "distill_alpha": fraction(), "distill_temperature": positive(),
+        "distill_alpha": fraction(), "distill_temperature": positive(), "seed": seed_range(),
     }
     model: str = "smollm2-135m"
     """Model to train: an MoE or dense Hugging Face directory, a .gguf file or an embedded name."""
