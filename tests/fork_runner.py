@@ -33,6 +33,7 @@ if __name__ == "__main__":
             log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             os.dup2(log, 1)
             os.dup2(log, 2)
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a job started in the background ignores SIGINT
             signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
             signal.setitimer(signal.ITIMER_REAL, request["budget"])
             try:
