@@ -97,13 +97,6 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _path(text: str) -> Path:
-    """A path flag's value; an empty one is refused here, since Path("") is the current directory."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError(f"{text!r} is empty; give a path")
-    return Path(text)
-
-
 def _add_flags(parser: argparse.ArgumentParser, verb: Verb, schema: type) -> None:
     if verb.recipe:
         parser.add_argument("--recipe", type=Path, default=None, help=f"YAML recipe (its {verb.recipe}: section); flags override it")
@@ -115,7 +108,7 @@ def _add_flags(parser: argparse.ArgumentParser, verb: Verb, schema: type) -> Non
         help_text = f"{leaf.doc}{default}".strip().replace("%", "%%")
         is_list = typing.get_origin(kind) is list
         element = typing.get_args(kind)[0] if is_list else kind
-        converter = _path if element is Path else element if element in (int, float, str) else str
+        converter = element if element in (int, float) else str  # paths stay text until the schema checks them (Path("") is ".")
         choices = typing.get_args(element) if typing.get_origin(element) is typing.Literal else None
         if leaf.name in verb.positional:
             optional_here = leaf.default is not dataclasses.MISSING or leaf.name in verb.aliases  # MODEL or --model

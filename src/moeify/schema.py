@@ -266,9 +266,11 @@ def coerce(leaf: Leaf, value: Any, where: str) -> Any:
     elif typing.get_origin(kind) is list:
         if isinstance(value, (list, tuple)):
             element = typing.get_args(kind)[0]
-            for item in value if element in (str, Path) else ():
+            if element not in (str, Path):
+                return list(value)
+            for item in value:
                 _not_blank(leaf, str(item), where, element)
-            return list(value)
+            return [element(item) for item in value]
     else:
         return value
     raise MoeifyError(f"{_key(leaf, where)} is {value!r}; it must be {_type_name(kind)}")
