@@ -70,7 +70,8 @@ class QuickstartConfig:
     distill: bool = True
     """Add the distillation rows (the random split and the carve trained against the dense model)."""
     carve_lr: float = 3e-4
-    """Learning rate of the carve's distillation (at temperature 2)."""
+    """Learning rate of the carve's distillation (temperature 2, alpha 0.5: half next-token CE, which suits a student
+    that starts near its parent; docs/training.md)."""
 
 
 @dataclass
@@ -133,7 +134,8 @@ def _compare(config: QuickstartConfig, dense_dir: Path, tokenizer) -> list[Row]:
         )
         if recover and config.distill:
             builds[f"{carve_name} + distill {tokens}"] = Recovery("carve", "carve-distill",
-                                                                   dict(lr=config.carve_lr, distill=True, distill_temperature=2.0))
+                                                                   dict(lr=config.carve_lr, distill=True, distill_temperature=2.0,
+                                                                        distill_alpha=0.5))
     split_name = f"random-split {config.num_experts}/top-{config.top_k} s={config.split_scale:g}"
     builds[split_name] = BuildConfig(
         config.model, config.work_dir / "random-split", force=True,
