@@ -261,19 +261,22 @@ def coerce(leaf: Leaf, value: Any, where: str) -> Any:
             return value
     elif kind in (str, Path):
         if isinstance(value, (str, Path)):
-            _not_blank(leaf, str(value), where, kind)
-            return kind(value)
+            return _text(leaf, value, where, kind)
     elif typing.get_origin(kind) is list:
         if isinstance(value, (list, tuple)):
             element = typing.get_args(kind)[0]
-            if element not in (str, Path):
-                return list(value)
-            for item in value:
-                _not_blank(leaf, str(item), where, element)
-            return [element(item) for item in value]
+            return [_text(leaf, item, where, element) for item in value] if element in (str, Path) else list(value)
     else:
         return value
     raise MoeifyError(f"{_key(leaf, where)} is {value!r}; it must be {_type_name(kind)}")
+
+
+def _text(leaf: Leaf, value: Any, where: str, kind: type) -> Any:
+    """A str or Path setting (or list element) as `kind`: text that is not blank, nothing else."""
+    if not isinstance(value, (str, Path)):
+        raise MoeifyError(f"{_key(leaf, where)} holds {value!r}; each element must be {_type_name(kind)}")
+    _not_blank(leaf, str(value), where, kind)
+    return kind(value)
 
 
 def _not_blank(leaf: Leaf, text: str, where: str, kind: type) -> None:
