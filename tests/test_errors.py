@@ -122,6 +122,37 @@ def test_failure_midway_leaves_nothing(tiny_models, tmp_path, monkeypatch, capsy
     assert calls["n"] == 3  # the failure happened mid-write, not before it
 
 
+def test_sigterm_caught_inside_native_code_is_still_the_stop(tiny_models, tmp_path, monkeypatch, capsys):
+    """SIGTERM's exception raised while torch's native code called back into Python came out as a ValueError
+    (landing CI: "could not determine the shape of object type 'torch.storage.UntypedStorage'" from safetensors'
+    get_tensor). Whatever exception follows a SIGTERM is the stop: exit 143, one line, nothing written."""
+    import os
+    import signal
+
+    from moeify.checkpoint import dense
+    from moeify.cli import Terminated
+
+    real_get = dense.DenseCheckpoint.get
+    calls = {"n": 0}
+
+    def get_that_swallows_the_signal(self, name):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the handler runs before this returns
+            except Terminated:
+                raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'") from None
+        return real_get(self, name)
+
+    monkeypatch.setattr(dense.DenseCheckpoint, "get", get_that_swallows_the_signal)
+    capsys.readouterr()
+    assert main(_build(tiny_models["llama"], tmp_path / "out")) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "moeify: terminated"
+    _nothing_written(tmp_path / "out")
+    assert main(_build(tiny_models["llama"], tmp_path / "out")) == 0  # the next run in this process is not taken for a stop
+
+
 def test_a_temporary_left_by_a_killed_build_is_removed_by_the_next(tiny_models, tmp_path):
     import socket
     import subprocess

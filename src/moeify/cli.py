@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     verb: Verb = args.verb
     _quiet_transformers()
     in_main_thread = threading.current_thread() is threading.main_thread()
+    _sigterm_received.clear()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return _run_verb(verb, args)
@@ -252,7 +253,11 @@ class Terminated(KeyboardInterrupt):
     `train` finishes its step and checkpoints instead (train/loop.py)."""
 
 
+_sigterm_received = threading.Event()
+
+
 def _terminate(signum, frame) -> None:
+    _sigterm_received.set()
     raise Terminated()
 
 
@@ -266,20 +271,27 @@ def _run_verb(verb: "Verb", args: argparse.Namespace) -> int:
             text = _load(verb.run)(config)
         if text:
             print(text)
-    except MoeifyError as error:
-        _print_error(str(error), error)
-        return 2
-    except OSError as error:  # no space, read-only, permission: nothing half-written is left (outputs are atomic)
-        _print_error(describe_os_error(error), error)
-        return 2
-    except (MemoryError, RuntimeError) as error:
-        if (message := describe_out_of_memory(error)) is None:
-            raise
-        _print_error(message, error)
-        return 2
-    except KeyboardInterrupt as stop:
-        terminated = isinstance(stop, Terminated)
+    except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 (what `_failed` cannot describe is raised again)
+        return _failed(error)
+    return 0
+
+
+def _failed(error: BaseException) -> int:
+    """Print `error` as one line and return the exit code; a bug (an exception nobody described) is raised again."""
+    # SIGTERM's exception may surface as another one when it lands in a library's native code calling back into
+    # Python (safetensors' get_tensor turned it into a ValueError): once SIGTERM came, any exception is the stop.
+    if isinstance(error, KeyboardInterrupt) or _sigterm_received.is_set():
+        terminated = _sigterm_received.is_set()
         print(f"moeify: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
         return 143 if terminated else 130
-    return 0
+    if isinstance(error, MoeifyError):
+        _print_error(str(error), error)
+        return 2
+    if isinstance(error, OSError):  # no space, read-only, permission: nothing half-written is left (outputs are atomic)
+        _print_error(describe_os_error(error), error)
+        return 2
+    if isinstance(error, (MemoryError, RuntimeError)) and (message := describe_out_of_memory(error)) is not None:
+        _print_error(message, error)
+        return 2
+    raise error
 
