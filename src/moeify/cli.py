@@ -280,10 +280,12 @@ def _failed(error: BaseException) -> int:
     """Print `error` as one line and return the exit code; a bug (an exception nobody described) is raised again."""
     # SIGTERM's exception may surface as another one when it lands in a library's native code calling back into
     # Python (safetensors' get_tensor turned it into a ValueError): once SIGTERM came, any exception is the stop.
-    if isinstance(error, KeyboardInterrupt) or _sigterm_received.is_set():
-        terminated = _sigterm_received.is_set()
-        print(f"moeify: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
-        return 143 if terminated else 130
+    if _sigterm_received.is_set():
+        print("moeify: terminated", file=sys.stderr)
+        return 143
+    if isinstance(error, KeyboardInterrupt):
+        print("moeify: interrupted", file=sys.stderr)
+        return 130
     if isinstance(error, MoeifyError):
         _print_error(str(error), error)
         return 2
